@@ -1,0 +1,33 @@
+# Two commands for a fresh machine: `make demo` (the main job) and `make test` (the test suite).
+# Both create .venv/ if missing. TORCH_SPEC defaults to the CPU build available here; a GPU user sets
+# e.g. TORCH_INDEX=https://download.pytorch.org/whl/cu128 to install the CUDA build of the same version.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+PIP = $(VENV)/bin/python -m pip
+
+.PHONY: demo test test-slow lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q $(TORCH_SPEC) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/alignrl demo
+
+test: $(VENV)/.installed
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/python -m pytest -q
+
+test-slow: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q -m slow
+
+bench: $(VENV)/.installed
+	$(PIP) install -q -e '.[test,bench]'
+	$(VENV)/bin/python -m bench.compare
+
+clean:
+	rm -rf $(VENV) runs demo_out

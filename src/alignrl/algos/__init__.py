@@ -1,0 +1,1 @@
+"""Pure tensor math: KL estimators, advantages, policy/value/preference losses, KL control."""

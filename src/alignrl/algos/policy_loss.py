@@ -1,0 +1,202 @@
+"""Clipped policy-gradient loss (PPO / GRPO / DAPO / GSPO), loss aggregation, clipped value loss, KL stats.
+
+Token-level tensors are ``[B, T]`` with a 0/1 completion mask. Per-token outputs are exactly 0 at
+masked-out positions (inputs there may be anything, including ±inf, without producing NaN).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from alignrl.algos.utils import masked_mean
+from alignrl.errors import AlignRLError
+
+__all__ = [
+    "IMPORTANCE_SAMPLING_LEVELS",
+    "LOSS_AGGREGATIONS",
+    "aggregate_loss",
+    "approx_kl_stats",
+    "clipped_policy_loss",
+    "clipped_value_loss",
+]
+
+IMPORTANCE_SAMPLING_LEVELS: tuple[str, ...] = ("token", "sequence")
+LOSS_AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def _zero(x: Tensor) -> Tensor:
+    return torch.zeros((), dtype=x.dtype, device=x.device)
+
+
+def _check_bt(name: str, x: Tensor, mask: Tensor) -> None:
+    if x.dim() != 2 or x.shape != mask.shape:
+        raise ValueError(f"{name} must be [B, T] like mask {tuple(mask.shape)}, got {tuple(x.shape)}")
+
+
+def clipped_policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    importance_sampling: str = "token",
+    dual_clip: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token L = −min(ρA, clip(ρ, 1−eps_low, 1+eps_high)A), optionally dual-clipped; [B, T], 0 off-mask.
+
+    ``importance_sampling="token"``: ρ_t = exp(logp_t − old_logp_t) (PPO/GRPO; DAPO clip-higher via
+    eps_high > eps_low). ``"sequence"`` (GSPO, arXiv 2507.18071): s_i = exp(masked mean_t (logp − old_logp)),
+    clipped at the sequence level, in the GSPO-token form s_i,t = sg[s_i]·exp(logp_t − sg[logp_t]) whose value
+    is s_i and whose gradient is s_i·∇logp_t; with a per-sequence advantage and "seq_mean_token_mean"
+    aggregation this equals GSPO's gradient exactly.
+
+    ``dual_clip=c`` (c > 1, Ye et al. 2020; verl's ``clip_ratio_c``), where A < 0: L = min(L, −c·A), a cap
+    on the loss when ρ ≫ 1. (ALGORITHMS.md writes max(L, −c·A); that would replace the loss by the constant
+    c·|A| whenever ρ < c, removing the gradient where it matters. The published dual clip is the cap, min.)
+
+    `advantages` is [B] (shared by every token of a sequence) or [B, T]. Returns (loss, stats): stats are
+    detached float [B, T] tensors "ratio", "is_low_clipped" (ρ < 1−eps_low and A < 0), "is_high_clipped"
+    (ρ > 1+eps_high and A > 0), "is_clipped" (either) and "is_dual_clipped"; average them with masked_mean.
+    """
+    _check_bt("logp", logp, mask)
+    _check_bt("old_logp", old_logp, mask)
+    if importance_sampling not in IMPORTANCE_SAMPLING_LEVELS:
+        raise AlignRLError(
+            f"unknown importance_sampling {importance_sampling!r}; "
+            f"valid: {', '.join(IMPORTANCE_SAMPLING_LEVELS)}"
+        )
+    if eps_low < 0 or eps_high < 0:
+        raise AlignRLError(f"clip ranges must be >= 0, got eps_low={eps_low}, eps_high={eps_high}")
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise AlignRLError(f"dual_clip must be > 1 (typically 3), got {dual_clip}")
+    if advantages.dim() == 1 and advantages.shape[0] == logp.shape[0]:
+        adv = advantages.unsqueeze(-1).expand_as(logp)
+    elif advantages.shape == logp.shape:
+        adv = advantages
+    else:
+        raise ValueError(
+            f"advantages must be [B] or [B, T] for logp {tuple(logp.shape)}, got {tuple(advantages.shape)}"
+        )
+    adv = adv.detach().to(logp.dtype)
+
+    valid = mask != 0
+    zero = _zero(logp)
+    # sanitise padded positions first: exp(±inf) there would give NaN gradients through the where below
+    lp = torch.where(valid, logp, zero)
+    log_ratio = torch.where(valid, logp - old_logp.detach(), zero)
+    if importance_sampling == "token":
+        ratio = torch.exp(log_ratio)
+    else:
+        seq_log_ratio = masked_mean(log_ratio, mask, dim=-1).detach()
+        ratio = torch.exp(seq_log_ratio).unsqueeze(-1) * torch.exp(lp - lp.detach())
+
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    loss = torch.maximum(unclipped, clipped)
+    is_dual = torch.zeros_like(loss, dtype=torch.bool)
+    if dual_clip is not None:
+        cap = -dual_clip * adv
+        is_dual = (adv < 0) & (loss > cap)
+        loss = torch.where(adv < 0, torch.minimum(loss, cap), loss)
+    loss = torch.where(valid, loss, zero)
+
+    with torch.no_grad():
+        r = ratio.detach()
+        low = (r < 1.0 - eps_low) & (adv < 0) & valid
+        high = (r > 1.0 + eps_high) & (adv > 0) & valid
+        stats = {
+            "ratio": torch.where(valid, r, zero),
+            "is_low_clipped": low.to(logp.dtype),
+            "is_high_clipped": high.to(logp.dtype),
+            "is_clipped": (low | high).to(logp.dtype),
+            "is_dual_clipped": (is_dual & valid).to(logp.dtype),
+        }
+    return loss, stats
+
+
+def aggregate_loss(
+    per_token: Tensor,
+    mask: Tensor,
+    mode: str,
+    *,
+    num_tokens: float | Tensor | None = None,
+    num_seqs: float | Tensor | None = None,
+    max_completion_length: int | None = None,
+) -> Tensor:
+    """Scalar loss from [B, T] per-token losses: token_mean, seq_mean_token_mean or seq_mean_token_sum_norm.
+
+    - "token_mean" (DAPO): Σ_it m·L / num_tokens.
+    - "seq_mean_token_mean" (original GRPO): Σ_i (Σ_t m·L / max(|y_i|, 1)) / num_seqs.
+    - "seq_mean_token_sum_norm" (Dr. GRPO): Σ_it m·L / (num_seqs · max_completion_length).
+
+    Defaults: num_tokens = valid tokens of this batch, num_seqs = rows of this batch (empty rows included,
+    as in TRL), max_completion_length = T of this batch — pass the configured maximum so the value does not
+    depend on padding. A caller that splits one batch into micro-batches (or ranks) passes the *global*
+    num_tokens / num_seqs so that the sum of the micro-batch losses equals the full-batch loss. Rows with no
+    valid token contribute 0, never NaN.
+    """
+    _check_bt("per_token", per_token, mask)
+    if mode not in LOSS_AGGREGATIONS:
+        raise AlignRLError(f"unknown loss aggregation {mode!r}; valid: {', '.join(LOSS_AGGREGATIONS)}")
+    valid = mask != 0
+    m = mask.to(per_token.dtype)
+    lm = torch.where(valid, per_token * m, _zero(per_token))
+    tiny = torch.finfo(per_token.dtype).tiny
+    if mode == "token_mean":
+        n_tok = (
+            m.sum()
+            if num_tokens is None
+            else torch.as_tensor(num_tokens, dtype=per_token.dtype, device=per_token.device)
+        )
+        return lm.sum() / n_tok.clamp(min=tiny)
+    n_seq = (
+        torch.tensor(float(per_token.shape[0]), dtype=per_token.dtype, device=per_token.device)
+        if num_seqs is None
+        else torch.as_tensor(num_seqs, dtype=per_token.dtype, device=per_token.device)
+    )
+    if mode == "seq_mean_token_mean":
+        per_seq = lm.sum(dim=-1) / m.sum(dim=-1).clamp(min=1.0)
+        return per_seq.sum() / n_seq.clamp(min=tiny)
+    length = per_token.shape[-1] if max_completion_length is None else max_completion_length
+    if length <= 0:
+        raise AlignRLError(f"max_completion_length must be > 0, got {length}")
+    return lm.sum() / (n_seq.clamp(min=tiny) * length)
+
+
+def clipped_value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float
+) -> tuple[Tensor, Tensor]:
+    """Per-token 0.5·max((V − R)², (clip(V, V_old − c, V_old + c) − R)²) and its clipped flag; 0 off-mask.
+
+    The flag (float) is 1 where the clipped term is the larger one (verl's vf_clipfrac), so
+    masked_mean(flag, mask) is the value clip fraction.
+    """
+    _check_bt("values", values, mask)
+    _check_bt("old_values", old_values, mask)
+    _check_bt("returns", returns, mask)
+    if clip < 0:
+        raise AlignRLError(f"value clip range must be >= 0, got {clip}")
+    valid = mask != 0
+    zero = _zero(values)
+    v = torch.where(valid, values, zero)
+    v_old = torch.where(valid, old_values.detach(), zero)
+    ret = torch.where(valid, returns.detach(), zero)
+    v_clipped = v_old + torch.clamp(v - v_old, -clip, clip)
+    loss_unclipped = (v - ret) ** 2
+    loss_clipped = (v_clipped - ret) ** 2
+    loss = torch.where(valid, 0.5 * torch.maximum(loss_unclipped, loss_clipped), zero)
+    clipped_frac = ((loss_clipped > loss_unclipped) & valid).to(values.dtype).detach()
+    return loss, clipped_frac
+
+
+def approx_kl_stats(logp: Tensor, old_logp: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """{"approx_kl_k1": masked mean(−log ρ), "approx_kl_k3": masked mean((ρ − 1) − log ρ)}; detached."""
+    _check_bt("logp", logp, mask)
+    with torch.no_grad():
+        log_ratio = torch.where(mask != 0, logp - old_logp, _zero(logp))
+        return {
+            "approx_kl_k1": masked_mean(-log_ratio, mask),
+            "approx_kl_k3": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+        }

@@ -1,0 +1,94 @@
+"""Command line: `alignrl init-model`, `alignrl train ALGO --config FILE [key=value ...]`, `alignrl demo`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from alignrl.errors import AlignRLError
+
+# algorithm -> (module with `train` and its config class name)
+ALGORITHMS = {
+    "sft": ("alignrl.trainers.sft", "SFTConfig"),
+    "grpo": ("alignrl.trainers.grpo", "GRPOConfig"),
+}
+
+
+def register_algorithm(name: str, module: str, config_class: str) -> None:
+    """Make `alignrl train NAME` available (used by trainer modules added later)."""
+    ALGORITHMS[name] = (module, config_class)
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def run_training(algo: str, config: str | None, overrides: list[str]):
+    """Load ALGO's config (YAML + overrides) and train; returns the final model directory."""
+    from alignrl.config import load_config
+
+    if algo not in ALGORITHMS:
+        raise AlignRLError(f"unknown algorithm {algo!r} (choose from {', '.join(sorted(ALGORITHMS))})")
+    module_name, cls_name = ALGORITHMS[algo]
+    module = importlib.import_module(module_name)
+    cfg = load_config(getattr(module, cls_name), config, overrides)
+    return module.train(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="alignrl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_init = sub.add_parser("init-model", help="create a small Llama-style model with a character tokenizer")
+    p_init.add_argument("--out", required=True, help="output directory (a normal HF model directory)")
+    p_init.add_argument("--hidden-size", type=int, default=128)
+    p_init.add_argument("--layers", type=int, default=4)
+    p_init.add_argument("--heads", type=int, default=4)
+    p_init.add_argument("--max-length", type=int, default=256)
+    p_init.add_argument("--seed", type=int, default=0)
+
+    p_train = sub.add_parser("train", help="train with an algorithm: " + ", ".join(ALGORITHMS))
+    p_train.add_argument("algo")
+    p_train.add_argument("--config", help="YAML config file")
+    p_train.add_argument("overrides", nargs="*", help="key=value overrides")
+
+    p_demo = sub.add_parser("demo", help="end-to-end demo on a synthetic arithmetic task (CPU, minutes)")
+    p_demo.add_argument("--algo", default="grpo", help="RL stage after SFT (default: grpo)")
+    p_demo.add_argument("--out", default="demo_out", help="working directory for models, data and runs")
+    p_demo.add_argument("--seed", type=int, default=0)
+    p_demo.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
+
+    args = parser.parse_args(argv)
+    _quiet_transformers()
+    try:
+        if args.command == "init-model":
+            from alignrl.models import init_model
+
+            out = init_model(
+                args.out, args.hidden_size, args.layers, args.heads, args.max_length, seed=args.seed
+            )
+            print(f"created {out}")
+        elif args.command == "train":
+            final = run_training(args.algo, args.config, args.overrides)
+            print(f"final model: {final}")
+        elif args.command == "demo":
+            from alignrl.demo import run_demo
+
+            run_demo(args.algo, args.out, seed=args.seed, quick=args.quick)
+    except AlignRLError as e:
+        print(f"alignrl: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("alignrl: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

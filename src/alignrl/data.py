@@ -1,0 +1,208 @@
+"""Datasets: JSONL files or local `datasets` directories with TRL's column conventions, validated up front."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from alignrl.errors import AlignRLError
+
+
+@dataclass
+class Rows:
+    """Rows of a dataset plus where each came from, so errors can name the file and line."""
+
+    path: str
+    rows: list[dict[str, Any]]
+    lines: list[int] = field(default_factory=list)  # 1-based line per row (JSONL) or row index + 1
+
+    def where(self, i: int) -> str:
+        kind = "line" if self.path.endswith((".jsonl", ".json")) else "row"
+        return f"{self.path} {kind} {self.lines[i] if self.lines else i + 1}"
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def subset(self, idx: Sequence[int]) -> Rows:
+        return Rows(
+            self.path, [self.rows[i] for i in idx], [self.lines[i] for i in idx] if self.lines else []
+        )
+
+
+def load_rows(path: str, split: str = "train") -> Rows:
+    """Read a JSONL file (one JSON object per line) or a directory saved with `datasets.save_to_disk`."""
+    if not path:
+        raise AlignRLError("train_file: no dataset given (set train_file=PATH)")
+    p = Path(path)
+    if p.is_dir():
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(str(p))
+        except Exception as e:  # noqa: BLE001 - any failure here is a bad dataset directory
+            raise AlignRLError(
+                f"{path}: not a saved `datasets` directory ({type(e).__name__}: {e})"
+            ) from None
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise AlignRLError(f"{path}: no split {split!r} (has {', '.join(ds)})")
+            ds = ds[split]
+        rows = [dict(r) for r in ds]
+        return Rows(path, rows, list(range(1, len(rows) + 1)))
+    if not p.is_file():
+        raise AlignRLError(f"{path}: no such file or directory")
+    rows, lines = [], []
+    with p.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise AlignRLError(f"{path} line {n}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise AlignRLError(f"{path} line {n}: expected a JSON object, got {type(obj).__name__}")
+            rows.append(obj)
+            lines.append(n)
+    if not rows:
+        raise AlignRLError(f"{path}: no rows")
+    return Rows(path, rows, lines)
+
+
+def write_jsonl(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Write rows as JSONL."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def require_columns(data: Rows, columns: Sequence[str]) -> None:
+    """Every row must have each column, non-null."""
+    for i, row in enumerate(data.rows):
+        for c in columns:
+            if row.get(c) is None:
+                raise AlignRLError(f"{data.where(i)}: missing column {c!r}")
+
+
+def _check_messages(messages: Any, where: str, column: str) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise AlignRLError(f"{where}: column {column!r} must be a string or a non-empty list of messages")
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise AlignRLError(f"{where}: column {column!r}: each message needs 'role' and 'content'")
+
+
+def render_prompt(prompt: Any, tokenizer: PreTrainedTokenizerBase, where: str = "prompt") -> str:
+    """A plain-text prompt as is; a message list through the tokenizer's chat template with the generation prompt."""
+    if isinstance(prompt, str):
+        return prompt
+    _check_messages(prompt, where, "prompt")
+    if not getattr(tokenizer, "chat_template", None):
+        raise AlignRLError(f"{where}: chat-style prompt but the tokenizer has no chat template")
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of text, no special tokens added (templates carry their own)."""
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+@dataclass
+class SFTExample:
+    input_ids: list[int]
+    loss_mask: list[int]  # 1 where the token is a completion/assistant token we train on
+
+
+def tokenize_sft(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, where: str) -> SFTExample:
+    """prompt/completion rows: loss on completion + EOS; messages rows: loss on assistant turns only."""
+    eos = tokenizer.eos_token_id
+    if "messages" in row and row["messages"] is not None:
+        msgs = row["messages"]
+        _check_messages(msgs, where, "messages")
+        if not getattr(tokenizer, "chat_template", None):
+            raise AlignRLError(f"{where}: messages rows need a tokenizer with a chat template")
+        ids: list[int] = []
+        mask: list[int] = []
+        for i, m in enumerate(msgs):
+            # render prefixes so that each assistant turn's tokens are exactly the added suffix
+            full = encode(tokenizer, tokenizer.apply_chat_template(msgs[: i + 1], tokenize=False))
+            if m["role"] == "assistant":
+                before = (
+                    encode(
+                        tokenizer,
+                        tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True),
+                    )
+                    if i
+                    else []
+                )
+                if full[: len(before)] != before or len(before) < len(ids):
+                    raise AlignRLError(f"{where}: chat template is not prefix-consistent; cannot mask turns")
+                mask += [0] * (len(before) - len(ids)) + [1] * (len(full) - len(before))
+            else:
+                mask += [0] * (len(full) - len(ids))
+            ids = full
+        return SFTExample(ids, mask)
+    for c in ("prompt", "completion"):
+        if row.get(c) is None:
+            raise AlignRLError(f"{where}: missing column {c!r} (SFT rows need prompt+completion or messages)")
+    if not isinstance(row["completion"], str):
+        raise AlignRLError(f"{where}: column 'completion' must be a string")
+    p = encode(tokenizer, render_prompt(row["prompt"], tokenizer, where))
+    c = encode(tokenizer, row["completion"]) + ([eos] if eos is not None else [])
+    return SFTExample(p + c, [0] * len(p) + [1] * len(c))
+
+
+def length_grouped_batches(
+    lengths: Sequence[int], batch_size: int, rng: random.Random, mega: int = 50
+) -> list[list[int]]:
+    """Shuffle, then sort within windows of `mega` batches by length so batches need little padding."""
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    window = batch_size * mega
+    batches = []
+    for s in range(0, len(idx), window):
+        chunk = sorted(idx[s : s + window], key=lambda i: -lengths[i])
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def pack(examples: Sequence[SFTExample], block: int) -> list[SFTExample]:
+    """Concatenate examples into blocks of `block` tokens (attention crosses example boundaries, as in TRL's
+    'wrapped' packing); no padding is wasted."""
+    ids: list[int] = []
+    mask: list[int] = []
+    for e in examples:
+        ids += e.input_ids
+        mask += e.loss_mask
+    return [SFTExample(ids[s : s + block], mask[s : s + block]) for s in range(0, len(ids) - 1, block)]
+
+
+def infinite_batches(n: int, batch_size: int, rng: random.Random) -> Iterator[list[int]]:
+    """Endless stream of shuffled index batches (reshuffled every epoch)."""
+    if n == 0:
+        raise AlignRLError("dataset is empty")
+    while True:
+        order = list(range(n))
+        rng.shuffle(order)
+        for s in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
+            yield order[s : s + batch_size] if n >= batch_size else order
+
+
+def split_eval(data: Rows, fraction: float, seed: int) -> tuple[Rows, Rows | None]:
+    """Hold out a seeded fraction of rows for evaluation."""
+    if fraction <= 0:
+        return data, None
+    if not 0 < fraction < 1:
+        raise AlignRLError(f"eval_fraction: must be in [0, 1), got {fraction}")
+    idx = list(range(len(data)))
+    random.Random(seed).shuffle(idx)
+    k = max(1, int(len(idx) * fraction))
+    return data.subset(sorted(idx[k:])), data.subset(sorted(idx[:k]))

@@ -1,0 +1,144 @@
+"""The one generation path: batched sampling with a KV cache, shared by every algorithm and the evaluator."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from alignrl.logprobs import position_ids_from_mask
+
+
+@dataclass
+class SamplingParams:
+    """How to sample: temperature 0 means greedy; top_k 0 and top_p 1 disable those filters."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@dataclass
+class Rollout:
+    """A batch of prompts (left-padded) and sampled completions (right-padded after EOS)."""
+
+    prompt_ids: torch.Tensor  # [B, P]
+    prompt_mask: torch.Tensor  # [B, P]
+    completion_ids: torch.Tensor  # [B, C]
+    completion_mask: torch.Tensor  # [B, C], 1 up to and including the EOS token
+    logprobs: torch.Tensor  # [B, C], log-probs of the sampled tokens from temperature-scaled logits
+    truncated: torch.Tensor  # [B] bool: no EOS within max_new_tokens
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+    def completion_lists(self) -> list[list[int]]:
+        """Completion token ids per sample, without padding."""
+        lengths = self.completion_mask.sum(-1).tolist()
+        return [row[: int(n)].tolist() for row, n in zip(self.completion_ids, lengths)]
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"):
+    """Stack token lists into [B, max_len] ids and mask, padding on the left."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask logits outside the top-k set and outside the smallest set with cumulative probability ≥ top_p."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    params: SamplingParams,
+    eos_token_ids: Sequence[int],
+    pad_token_id: int,
+) -> Rollout:
+    """Sample completions for left-padded prompts; stops early once every sequence has emitted EOS."""
+    was_training = model.training
+    model.eval()
+    device = prompt_ids.device
+    batch = prompt_ids.shape[0]
+    eos = torch.tensor(list(eos_token_ids), device=device)
+    cache = DynamicCache()
+    attn = prompt_mask
+    positions = position_ids_from_mask(prompt_mask)
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=attn,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    next_pos = positions[:, -1:] + 1
+    tokens, logps = [], []
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    for step in range(params.max_new_tokens):
+        logits = out.logits[:, -1].float()
+        if params.temperature > 0:
+            scaled = logits / params.temperature
+            probs = filter_logits(scaled, params.top_k, params.top_p).softmax(-1)
+            tok = torch.multinomial(probs, 1).squeeze(-1)
+        else:
+            scaled = logits
+            tok = logits.argmax(-1)
+        logp = scaled.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)
+        tok = tok.masked_fill(done, pad_token_id)
+        tokens.append(tok)
+        logps.append(logp.masked_fill(done, 0.0))
+        done = done | torch.isin(tok, eos)
+        if bool(done.all()) or step == params.max_new_tokens - 1:
+            break
+        attn = torch.cat([attn, torch.ones((batch, 1), dtype=attn.dtype, device=device)], dim=1)
+        out = model(
+            input_ids=tok[:, None],
+            attention_mask=attn,
+            position_ids=next_pos,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        next_pos = next_pos + 1
+    model.train(was_training)
+    completion_ids = torch.stack(tokens, dim=1)
+    is_eos = torch.isin(completion_ids, eos)
+    # mask: tokens up to and including the first EOS
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    completion_mask = (~after_eos).long()
+    truncated = ~is_eos.any(-1)
+    return Rollout(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        logprobs=torch.stack(logps, dim=1) * completion_mask,
+        truncated=truncated,
+    )

@@ -1,0 +1,110 @@
+"""The one log-prob path: per-token log-probs (and entropy) of target tokens, chunked over the vocab projection.
+
+The model's trunk produces hidden states; the lm-head projection, temperature scaling, log-softmax and
+gather run over chunks of at most `chunk_tokens` valid target tokens, so the [tokens, vocab] float32 buffer
+is bounded. Under autograd each chunk is recomputed in backward (activation checkpointing), so memory stays
+bounded in training too. Only positions whose target is valid are projected at all: padding costs nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from alignrl.models import unwrap
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _chunk_logps(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    temperature: float,
+) -> torch.Tensor:
+    """log softmax(W h / T)[target] for a chunk of hidden states [N, H]."""
+    logits = F.linear(hidden, weight, bias).float() / temperature
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+@torch.no_grad()
+def _chunk_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float):
+    """Entropy of softmax(W h / T) for a chunk (a metric: no gradient)."""
+    logits = F.linear(hidden, weight, bias).float() / temperature
+    logp = logits.log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def _has_plain_lm_head(lm: nn.Module) -> bool:
+    """True when logits are exactly lm_head(hidden): no soft-capping or scaling we would skip."""
+    cfg = getattr(lm, "config", None)
+    return (
+        getattr(cfg, "final_logit_softcapping", None) is None
+        and getattr(cfg, "logit_scale", None) is None
+        and hasattr(lm, getattr(lm, "base_model_prefix", ""))
+        and isinstance(lm.get_output_embeddings(), nn.Linear)
+    )
+
+
+def token_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    target_mask: torch.Tensor,
+    *,
+    start: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_tokens: int = 4096,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs of input_ids[:, start:] under the model: logp[b, j] = log p(x_{start+j} | x_{<start+j}).
+
+    `target_mask` [B, L - start] marks which targets to score; other positions are returned as 0.
+    Logits are divided by `temperature` (the sampling temperature) before the softmax.
+    """
+    lm = unwrap(model)
+    positions = position_ids_from_mask(attention_mask)
+    targets = input_ids[:, start:]
+    sel = target_mask.bool()
+    out = torch.zeros(targets.shape, dtype=torch.float32, device=input_ids.device)
+    ent = torch.zeros_like(out) if with_entropy else None
+    if _has_plain_lm_head(lm):
+        trunk = getattr(lm, lm.base_model_prefix)
+        # Only the trunk up to the last needed position runs; the lm head runs on selected tokens only.
+        hidden = trunk(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions
+        ).last_hidden_state
+        head = lm.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+    else:  # models with logit soft-capping/scaling: take their logits, still scored in chunks below
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
+        hidden, weight, bias = logits, None, None
+    h = hidden[:, start - 1 : -1][sel]  # [N, H]: the state before each selected target
+    t = targets[sel]
+    pieces, ent_pieces = [], []
+    n_chunks = max(1, -(-h.shape[0] // chunk_tokens))
+    for hc, tc in zip(h.chunk(n_chunks), t.chunk(n_chunks)):
+        if weight is None:
+            lg = hc.float() / temperature
+            pieces.append(lg.gather(-1, tc[:, None]).squeeze(-1) - lg.logsumexp(-1))
+            if with_entropy:
+                lp = lg.detach().log_softmax(-1)
+                ent_pieces.append(-(lp.exp() * lp).sum(-1))
+            continue
+        if torch.is_grad_enabled() and n_chunks > 1:
+            pieces.append(checkpoint(_chunk_logps, hc, tc, weight, bias, temperature, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logps(hc, tc, weight, bias, temperature))
+        if with_entropy:
+            ent_pieces.append(_chunk_entropy(hc.detach(), weight, bias, temperature))
+    if pieces:
+        out = out.masked_scatter(sel, torch.cat(pieces))
+        if ent is not None:
+            ent = ent.masked_scatter(sel, torch.cat(ent_pieces))
+    return out, ent

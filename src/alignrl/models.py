@@ -1,0 +1,211 @@
+"""Models and tokenizers: create a tiny Llama from scratch, load any local HF causal LM, save atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from alignrl.errors import AlignRLError
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+
+
+def build_char_tokenizer() -> PreTrainedTokenizerBase:
+    """A character-level HF tokenizer over printable ASCII and newline, with pad/bos/eos/unk and a chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(i) for i in range(32, 127)] + ["\n"]
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+def init_model(
+    out_dir: str | Path,
+    hidden_size: int = 128,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    max_length: int = 256,
+    intermediate_size: int | None = None,
+    seed: int = 0,
+) -> Path:
+    """Create a small Llama-style model with a character tokenizer and save both as a normal HF directory."""
+    if hidden_size % num_heads:
+        raise AlignRLError(f"--hidden-size {hidden_size} must be divisible by --heads {num_heads}")
+    tok = build_char_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_length,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    save_pretrained_atomic(model, tok, out_dir)
+    return Path(out_dir)
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise AlignRLError(f"device: unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise AlignRLError(f"device: {device!r} requested but CUDA is not available")
+    return dev
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _check_model_dir(path: str) -> None:
+    if not path:
+        raise AlignRLError("model: no model directory given (set model=PATH)")
+    if not (Path(path) / "config.json").is_file():
+        raise AlignRLError(f"model: {path} is not a Hugging Face model directory (no config.json)")
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """Load a tokenizer from a local directory; set a pad token (eos) if it has none."""
+    if not Path(path).is_dir():
+        raise AlignRLError(f"tokenizer: {path} is not a directory")
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: str, dtype: str = "float32", device: torch.device | str = "cpu") -> PreTrainedModel:
+    """Load a local causal LM with dropout off-able via `model.eval()`; never downloads."""
+    _check_model_dir(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
+    return model.to(device)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout probability to 0 (RL needs identical forwards for ratios and KL)."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    cfg = getattr(model, "config", None)
+    for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if cfg is not None and isinstance(getattr(cfg, name, None), float):
+            setattr(cfg, name, 0.0)
+
+
+def apply_lora(model: PreTrainedModel, r: int, alpha: int, dropout: float, targets: list[str]) -> nn.Module:
+    """Wrap `model` with a LoRA adapter (peft); the base weights are frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise AlignRLError(f"lora_target_modules: {missing[0]!r} is not a module name of this model")
+    cfg = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, cfg)
+
+
+def is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+@contextlib.contextmanager
+def adapter_disabled(model: nn.Module) -> Iterator[None]:
+    """Run a LoRA model as its frozen base (the reference policy) without a second copy in memory."""
+    with model.disable_adapter():  # type: ignore[operator]
+        yield
+
+
+def unwrap(model: nn.Module) -> PreTrainedModel:
+    """The underlying transformers model (through DDP/peft wrappers)."""
+    inner = getattr(model, "module", model)
+    if is_peft(inner):
+        inner = inner.get_base_model()  # type: ignore[operator]
+    return inner  # type: ignore[return-value]
+
+
+def _fsync_dir(path: Path) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+
+
+def atomic_dir(final: str | Path):
+    """Context manager yielding a temporary sibling directory that replaces `final` only on success."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def _cm() -> Iterator[Path]:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        try:
+            yield tmp
+            _fsync_dir(tmp)
+            if final.exists():
+                old = final.with_name(f".{final.name}.old-{os.getpid()}")
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    return _cm()
+
+
+def save_pretrained_atomic(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path
+) -> None:
+    """Save a loadable HF directory (safetensors); LoRA adapters are merged into a copy of the weights first."""
+    inner = getattr(model, "module", model)
+    if is_peft(inner):
+        import copy
+
+        inner = copy.deepcopy(inner).merge_and_unload()  # type: ignore[operator]
+    with atomic_dir(out_dir) as tmp:
+        inner.save_pretrained(tmp, safe_serialization=True)  # type: ignore[union-attr]
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)

@@ -1,0 +1,140 @@
+"""Reward functions with TRL's signature `f(prompts, completions, completion_ids, **columns) -> list[float|None]`,
+loaded by name (`gsm8k`), `package.module:function` or `path/to/file.py:function`, and combined by weight."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+from collections.abc import Callable, Sequence
+from math import nan  # not `import math`: the submodule alignrl.rewards.math would shadow it
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alignrl.errors import AlignRLError
+
+RewardFn = Callable[..., list]
+
+BUILTIN_REWARDS = {
+    "gsm8k": "alignrl.rewards.math:gsm8k_flexible",
+    "gsm8k_strict": "alignrl.rewards.math:gsm8k_strict",
+    "boxed": "alignrl.rewards.math:boxed_reward",
+    "think_format": "alignrl.rewards.math:think_answer_format",
+    "code": "alignrl.rewards.code:code_reward",
+}
+
+
+def load_reward_function(spec: str) -> tuple[str, RewardFn]:
+    """Resolve a reward spec to (name, callable)."""
+    target = BUILTIN_REWARDS.get(spec, spec)
+    module_part, sep, fn_name = target.rpartition(":")
+    if not sep or not module_part or not fn_name:
+        raise AlignRLError(
+            f"reward_funcs: {spec!r} is not a built-in ({', '.join(BUILTIN_REWARDS)}), "
+            "'package.module:function' or 'path/to/file.py:function'"
+        )
+    if module_part.endswith(".py"):
+        path = Path(module_part)
+        if not path.is_file():
+            raise AlignRLError(f"reward_funcs: {spec!r}: file {module_part} not found")
+        mod_spec = importlib.util.spec_from_file_location(f"alignrl_user_reward_{path.stem}", path)
+        assert mod_spec and mod_spec.loader
+        module = importlib.util.module_from_spec(mod_spec)
+        try:
+            mod_spec.loader.exec_module(module)
+        except Exception as e:  # noqa: BLE001 - user code
+            raise AlignRLError(
+                f"reward_funcs: importing {module_part} failed: {type(e).__name__}: {e}"
+            ) from None
+    else:
+        try:
+            module = importlib.import_module(module_part)
+        except ImportError as e:
+            raise AlignRLError(f"reward_funcs: cannot import {module_part!r} ({e})") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise AlignRLError(f"reward_funcs: {module_part} has no function {fn_name!r}")
+    return (spec if spec in BUILTIN_REWARDS else fn_name), fn
+
+
+def required_columns(fn: RewardFn) -> list[str]:
+    """Keyword parameters without defaults beyond (prompts, completions, completion_ids)."""
+    params = list(inspect.signature(fn).parameters.values())
+    out = []
+    for i, p in enumerate(params):
+        if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or p.default is not p.empty:
+            continue
+        if p.kind == p.KEYWORD_ONLY or (p.kind == p.POSITIONAL_OR_KEYWORD and i >= 3):
+            out.append(p.name)
+    return out
+
+
+class RewardFunctions:
+    """Several reward functions scored together: [N, F] raw rewards (NaN for None) and their weighted sum."""
+
+    def __init__(
+        self, specs: Sequence[str], weights: Sequence[float] | None, columns: set[str], data_name: str
+    ):
+        if not specs:
+            raise AlignRLError("reward_funcs: at least one reward function is required")
+        if weights and len(weights) != len(specs):
+            raise AlignRLError(f"reward_weights: {len(weights)} weights for {len(specs)} reward functions")
+        self.fns: list[tuple[str, RewardFn]] = []
+        for spec in specs:
+            name, fn = load_reward_function(spec)
+            missing = [c for c in required_columns(fn) if c not in columns]
+            if missing:
+                raise AlignRLError(
+                    f"reward function {name} needs column {missing[0]!r}, which {data_name} does not have"
+                )
+            self.fns.append((name, fn))
+        self.weights = torch.tensor(list(weights) if weights else [1.0] * len(specs), dtype=torch.float32)
+
+    @property
+    def names(self) -> list[str]:
+        return [n for n, _ in self.fns]
+
+    def add(self, name: str, fn: RewardFn, weight: float = 1.0) -> None:
+        """Add a reward function built in code (e.g. the overlong penalty)."""
+        self.fns.append((name, fn))
+        self.weights = torch.cat([self.weights, torch.tensor([weight])])
+
+    def score(
+        self,
+        prompts: list[Any],
+        completions: list[Any],
+        completion_ids: list[list[int]],
+        columns: dict[str, list],
+    ) -> torch.Tensor:
+        """Raw rewards [N, F]; None becomes NaN (that function does not apply to that sample)."""
+        n = len(completions)
+        out = torch.full((n, len(self.fns)), nan)
+        for j, (name, fn) in enumerate(self.fns):
+            try:
+                values = fn(prompts, completions, completion_ids, **columns)
+            except AlignRLError:
+                raise
+            except KeyError as e:
+                raise AlignRLError(
+                    f"reward function {name} raised KeyError {e} (a missing dataset column?)"
+                ) from None
+            except Exception as e:  # noqa: BLE001 - user code: report it in one line
+                raise AlignRLError(f"reward function {name} raised {type(e).__name__}: {e}") from None
+            if not isinstance(values, (list, tuple)) or len(values) != n:
+                got = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
+                raise AlignRLError(f"reward function {name} returned {got} values for {n} completions")
+            for i, v in enumerate(values):
+                if v is None:
+                    continue
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise AlignRLError(
+                        f"reward function {name} returned {v!r} (not a number or None) at index {i}"
+                    )
+                out[i, j] = float(v)
+        return out
+
+    def combine(self, raw: torch.Tensor) -> torch.Tensor:
+        """Weighted sum over functions, ignoring NaN (None) entries; a sample with no applicable function gets 0."""
+        return torch.nansum(raw * self.weights.to(raw.device), dim=1)

@@ -1,0 +1,110 @@
+"""Prompt rows -> sampled, decoded and scored completions: the rollout stage shared by GRPO, PPO and evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from alignrl.data import encode, render_prompt
+from alignrl.generation import Rollout, SamplingParams, generate, left_pad
+from alignrl.rewards import RewardFunctions
+
+
+def eos_ids(tokenizer: PreTrainedTokenizerBase, model: nn.Module) -> list[int]:
+    """EOS ids from the tokenizer plus any extra ones in the model's generation config."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen, int):
+        ids.add(gen)
+    elif isinstance(gen, (list, tuple)):
+        ids.update(gen)
+    return sorted(ids)
+
+
+def encode_prompts(
+    rows: Sequence[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    max_prompt_length: int,
+    wheres: Sequence[str],
+) -> list[list[int]]:
+    """Render (chat template for message lists) and tokenize prompts, keeping the last max_prompt_length tokens."""
+    out = []
+    for row, where in zip(rows, wheres):
+        ids = encode(tokenizer, render_prompt(row["prompt"], tokenizer, where))
+        out.append(ids[-max_prompt_length:])
+    return out
+
+
+@dataclass
+class ScoredRollout:
+    rollout: Rollout
+    prompts: list[Any]  # as given to reward functions (text or messages), one per completion
+    completions: list[Any]  # decoded text (or [{"role": "assistant", ...}] for chat prompts)
+    raw_rewards: torch.Tensor  # [N, F]
+    rewards: torch.Tensor  # [N]
+
+
+def sample_and_score(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Sequence[dict[str, Any]],
+    wheres: Sequence[str],
+    reward_fns: RewardFunctions,
+    params: SamplingParams,
+    *,
+    repeats: int,
+    max_prompt_length: int,
+    device: torch.device,
+) -> ScoredRollout:
+    """Sample `repeats` completions per row (contiguous per prompt) and score them with the reward functions."""
+    prompt_ids = encode_prompts(rows, tokenizer, max_prompt_length, wheres)
+    prompt_ids = [p for p in prompt_ids for _ in range(repeats)]
+    ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)
+    rollout = generate(model, ids, mask, params, eos_ids(tokenizer, model), tokenizer.pad_token_id)
+    comp_ids = rollout.completion_lists()
+    texts = tokenizer.batch_decode(comp_ids, skip_special_tokens=True)
+    rep_rows = [r for r in rows for _ in range(repeats)]
+    prompts = [r["prompt"] for r in rep_rows]
+    completions: list[Any] = [
+        [{"role": "assistant", "content": t}] if not isinstance(p, str) else t for p, t in zip(prompts, texts)
+    ]
+    columns = {k: [r.get(k) for r in rep_rows] for k in rows[0] if k != "prompt"}
+    raw = reward_fns.score(prompts, completions, comp_ids, columns)
+    return ScoredRollout(rollout, prompts, completions, raw, reward_fns.combine(raw).to(device))
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Sequence[dict[str, Any]],
+    reward_fns: RewardFunctions,
+    *,
+    max_new_tokens: int,
+    max_prompt_length: int = 1024,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> float:
+    """Mean reward of greedy completions over rows (e.g. exact-match accuracy with an answer-match reward)."""
+    device = torch.device(device)
+    total = 0.0
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s : s + batch_size]
+        scored = sample_and_score(
+            model,
+            tokenizer,
+            chunk,
+            [f"row {s + i + 1}" for i in range(len(chunk))],
+            reward_fns,
+            params,
+            repeats=1,
+            max_prompt_length=max_prompt_length,
+            device=device,
+        )
+        total += float(scored.rewards.sum())
+    return total / max(len(rows), 1)

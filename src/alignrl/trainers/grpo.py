@@ -1,0 +1,348 @@
+"""GRPO and its variants (DAPO, Dr. GRPO, GSPO, RLOO): group-relative advantages, no critic.
+
+One step: sample G completions for each of `prompts_per_step` prompts, score them, normalise rewards within
+each group into advantages, then take `num_iterations` clipped policy-gradient updates on that batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from alignrl.algos.advantages import ADVANTAGE_ESTIMATORS
+from alignrl.algos.kl import kl_estimate
+from alignrl.algos.policy_loss import aggregate_loss, clipped_policy_loss
+from alignrl.algos.utils import masked_mean
+from alignrl.config import TrainConfig
+from alignrl.data import infinite_batches, load_rows, require_columns
+from alignrl.errors import AlignRLError
+from alignrl.generation import SamplingParams
+from alignrl.logprobs import token_logprobs
+from alignrl.models import adapter_disabled, is_peft, load_causal_lm
+from alignrl.rewards import RewardFunctions
+from alignrl.rollout import ScoredRollout, evaluate, sample_and_score
+from alignrl.trainers import loop
+
+
+@dataclass
+class GRPOConfig(TrainConfig):
+    """GRPO options on top of the shared ones (defaults follow TRL where it has the option)."""
+
+    learning_rate: float = 1e-6
+    prompts_per_step: int = 8  # distinct prompts per rollout batch
+    num_generations: int = 8  # G: completions per prompt
+    max_prompt_length: int = 512
+    max_completion_length: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    reward_funcs: list[str] = field(default_factory=lambda: ["gsm8k"])
+    reward_weights: list[float] | None = None
+    advantage_estimator: Literal["grpo", "rloo"] = "grpo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    importance_sampling: Literal["token", "sequence"] = "token"
+    beta: float = 0.0  # KL coefficient; 0 loads no reference model
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    num_iterations: int = 1  # policy updates per rollout batch
+    micro_batch_size: int = 0  # sequences per forward/backward in the update; 0 = all at once
+    mask_truncated_completions: bool = False
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, resample to refill
+    dynamic_sampling_max_rounds: int = 4
+    overlong_cache: int = 0  # > 0 adds DAPO's soft overlong penalty with this cache length
+    log_completions: int = 4  # completions written to samples.jsonl every logging step
+
+    def validate(self) -> None:
+        if self.num_generations < 2:
+            raise AlignRLError("num_generations: must be ≥ 2 (advantages are relative to the group)")
+        if self.gradient_accumulation_steps != 1:
+            raise AlignRLError(
+                "gradient_accumulation_steps: GRPO splits each batch with micro_batch_size instead"
+            )
+        if self.num_iterations < 1 or self.prompts_per_step < 1 or self.max_completion_length < 1:
+            raise AlignRLError("num_iterations, prompts_per_step and max_completion_length must be ≥ 1")
+        if self.temperature <= 0:
+            raise AlignRLError("temperature: must be > 0 for RL sampling")
+        if not 0 <= self.overlong_cache < self.max_completion_length:
+            raise AlignRLError("overlong_cache: must be in [0, max_completion_length)")
+
+
+def build_rewards(cfg: GRPOConfig, columns: set[str], data_name: str) -> RewardFunctions:
+    """The configured reward functions plus, if asked, DAPO's soft overlong penalty (weight 1)."""
+    fns = RewardFunctions(cfg.reward_funcs, cfg.reward_weights, columns, data_name)
+    if cfg.overlong_cache > 0:
+        from alignrl.rewards.math import overlong_penalty_factory
+
+        fns.add("overlong_penalty", overlong_penalty_factory(cfg.max_completion_length, cfg.overlong_cache))
+    return fns
+
+
+def rollout_batch(
+    model, tok, data, stream, cfg: GRPOConfig, fns: RewardFunctions, device
+) -> tuple[ScoredRollout, dict]:
+    """Sample and score one batch; with dynamic sampling keep only groups with reward spread, refilling."""
+    params = SamplingParams(cfg.max_completion_length, cfg.temperature, cfg.top_p, cfg.top_k)
+    G = cfg.num_generations
+    kept: list[ScoredRollout] = []
+    n_groups, dropped, rounds = 0, 0, 0
+    while True:
+        idx = next(stream)
+        scored = sample_and_score(
+            model,
+            tok,
+            [data.rows[i] for i in idx],
+            [data.where(i) for i in idx],
+            fns,
+            params,
+            repeats=G,
+            max_prompt_length=cfg.max_prompt_length,
+            device=device,
+        )
+        rounds += 1
+        if not cfg.dynamic_sampling:
+            return scored, {}
+        spread = scored.rewards.view(-1, G).std(dim=1) > 0
+        dropped += int((~spread).sum())
+        kept.append(_select_groups(scored, spread, G))
+        n_groups += int(spread.sum())
+        if n_groups >= cfg.prompts_per_step or rounds >= cfg.dynamic_sampling_max_rounds:
+            break
+    merged = _concat(kept, tok.pad_token_id)
+    keep = min(n_groups, cfg.prompts_per_step) * G
+    merged = _select_groups(merged, torch.arange(merged.rewards.numel() // G) < keep // G, G)
+    return merged, {"dynamic_sampling/dropped_groups": dropped, "dynamic_sampling/rounds": rounds}
+
+
+def _select_groups(s: ScoredRollout, keep_group: torch.Tensor, G: int) -> ScoredRollout:
+    keep = keep_group.repeat_interleave(G)
+    r = s.rollout
+    ki = keep.nonzero().squeeze(-1).tolist()
+    from alignrl.generation import Rollout
+
+    sub = Rollout(
+        *(
+            t[keep.to(t.device)]
+            for t in (
+                r.prompt_ids,
+                r.prompt_mask,
+                r.completion_ids,
+                r.completion_mask,
+                r.logprobs,
+                r.truncated,
+            )
+        )
+    )
+    return ScoredRollout(
+        sub,
+        [s.prompts[i] for i in ki],
+        [s.completions[i] for i in ki],
+        s.raw_rewards[keep],
+        s.rewards[keep.to(s.rewards.device)],
+    )
+
+
+def _pad_to(t: torch.Tensor, width: int, value, left: bool) -> torch.Tensor:
+    extra = width - t.shape[1]
+    if extra == 0:
+        return t
+    pad = torch.full((t.shape[0], extra), value, dtype=t.dtype, device=t.device)
+    return torch.cat([pad, t] if left else [t, pad], dim=1)
+
+
+def _concat(parts: list[ScoredRollout], pad_id: int) -> ScoredRollout:
+    from alignrl.generation import Rollout
+
+    P = max(p.rollout.prompt_ids.shape[1] for p in parts)
+    C = max(p.rollout.completion_ids.shape[1] for p in parts)
+    cat = lambda f, w, v, left: torch.cat([_pad_to(getattr(p.rollout, f), w, v, left) for p in parts])  # noqa: E731
+    ro = Rollout(
+        cat("prompt_ids", P, pad_id, True),
+        cat("prompt_mask", P, 0, True),
+        cat("completion_ids", C, pad_id, False),
+        cat("completion_mask", C, 0, False),
+        cat("logprobs", C, 0.0, False),
+        torch.cat([p.rollout.truncated for p in parts]),
+    )
+    return ScoredRollout(
+        ro,
+        sum((p.prompts for p in parts), []),
+        sum((p.completions for p in parts), []),
+        torch.cat([p.raw_rewards for p in parts]),
+        torch.cat([p.rewards for p in parts]),
+    )
+
+
+def train(cfg: GRPOConfig) -> Path:
+    """Run GRPO; returns the final model directory."""
+    run = loop.start_run(cfg)
+    model, tok = loop.load_policy(cfg, run.device, rl=True)
+    data = load_rows(cfg.train_file)
+    require_columns(data, ["prompt"])
+    fns = build_rewards(cfg, set(data.rows[0]), cfg.train_file)
+    eval_rows = load_rows(cfg.eval_file).rows if cfg.eval_file else None
+    ref = None
+    if cfg.beta > 0 and not is_peft(model):
+        ref = load_causal_lm(cfg.model, cfg.dtype, run.device).eval().requires_grad_(False)
+    opt = loop.build_optimizer(model, cfg)
+    sched = loop.build_scheduler(opt, cfg, cfg.max_steps * cfg.num_iterations)
+    stream = infinite_batches(len(data), cfg.prompts_per_step, random.Random(cfg.seed))
+    G = cfg.num_generations
+    if eval_rows:
+        run.metrics.log(0, {"eval_reward": _eval(model, tok, eval_rows, fns, cfg, run.device)})
+    for step in range(1, cfg.max_steps + 1):
+        timer = loop.Timer()
+        with timer("generation"):
+            scored, ds_metrics = rollout_batch(model, tok, data, stream, cfg, fns, run.device)
+        ro = scored.rollout
+        if ro.completion_ids.shape[0] == 0:  # dynamic sampling found no informative group
+            run.metrics.log(step, {**ds_metrics, "skipped_step": 1.0})
+            continue
+        adv = ADVANTAGE_ESTIMATORS[cfg.advantage_estimator](scored.rewards, G, cfg.scale_rewards, 1e-4)
+        mask = ro.completion_mask.float()
+        if cfg.mask_truncated_completions:
+            mask = mask * (~ro.truncated).float()[:, None]
+        P = ro.prompt_ids.shape[1]
+        ids, attn = ro.input_ids, ro.attention_mask
+        ref_logp = None
+        if cfg.beta > 0:
+            with timer("reference"), torch.no_grad(), loop.autocast(cfg, run.device):
+                ctx = adapter_disabled(model) if ref is None else contextlib.nullcontext()
+                with ctx:
+                    ref_logp, _ = token_logprobs(
+                        ref or model,
+                        ids,
+                        attn,
+                        ro.completion_mask,
+                        start=P,
+                        temperature=cfg.temperature,
+                        chunk_tokens=cfg.logprob_chunk_tokens,
+                    )
+        n = ids.shape[0]
+        mb = cfg.micro_batch_size or n
+        # global normalisers, so that summing micro-batch losses equals the full-batch loss
+        norms = {
+            "num_tokens": mask.sum().clamp(min=1),
+            "num_seqs": n,
+            "max_completion_length": cfg.max_completion_length,
+        }
+        stats: dict[str, list[float]] = {}
+        with timer("update"):
+            for it in range(cfg.num_iterations):
+                order = torch.randperm(n).tolist() if it > 0 else list(range(n))
+                loss_total = 0.0
+                for s in range(0, n, mb):
+                    sel = torch.tensor(order[s : s + mb], device=ids.device)
+                    m = mask[sel]
+                    with loop.autocast(cfg, run.device):
+                        logp, ent = token_logprobs(
+                            model,
+                            ids[sel],
+                            attn[sel],
+                            ro.completion_mask[sel],
+                            start=P,
+                            temperature=cfg.temperature,
+                            with_entropy=it == 0,
+                            chunk_tokens=cfg.logprob_chunk_tokens,
+                        )
+                    per_tok, st = clipped_policy_loss(
+                        logp,
+                        ro.logprobs[sel],
+                        adv[sel],
+                        m,
+                        eps_low=cfg.epsilon_low,
+                        eps_high=cfg.epsilon_high,
+                        importance_sampling=cfg.importance_sampling,
+                    )
+                    if ref_logp is not None:
+                        kl = kl_estimate(logp, ref_logp[sel], cfg.kl_estimator)
+                        per_tok = per_tok + cfg.beta * kl
+                        _add(stats, "kl", masked_mean(kl.detach(), m), m.sum())
+                    loss = aggregate_loss(per_tok, m, cfg.loss_aggregation, **norms)
+                    loss.backward()
+                    loss_total += float(loss.detach())
+                    for k in ("is_low_clipped", "is_high_clipped", "is_clipped"):
+                        _add(stats, f"clip/{k[3:]}", masked_mean(st[k], m), m.sum())
+                    if ent is not None:
+                        _add(
+                            stats,
+                            "entropy",
+                            masked_mean(ent, ro.completion_mask[sel].float()),
+                            ro.completion_mask[sel].sum(),
+                        )
+                upd = loop.optimizer_step(model, opt, sched, cfg)
+        metrics = _step_metrics(scored, fns, adv, stats, loss_total, upd, timer, G)
+        metrics.update(ds_metrics)
+        if eval_rows and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps):
+            metrics["eval_reward"] = _eval(model, tok, eval_rows, fns, cfg, run.device)
+        if step % cfg.logging_steps == 0 or "eval_reward" in metrics:
+            run.metrics.log(step, metrics)
+            run.metrics.samples(
+                step,
+                [
+                    {
+                        "prompt": scored.prompts[i],
+                        "completion": scored.completions[i],
+                        "reward": float(scored.rewards[i]),
+                    }
+                    for i in range(min(cfg.log_completions, len(scored.completions)))
+                ],
+            )
+    return loop.finish(run, model, tok)
+
+
+def _eval(model, tok, rows, fns, cfg: GRPOConfig, device) -> float:
+    return evaluate(
+        model,
+        tok,
+        rows,
+        fns,
+        max_new_tokens=cfg.max_completion_length,
+        max_prompt_length=cfg.max_prompt_length,
+        device=device,
+    )
+
+
+def _add(stats: dict[str, list[float]], key: str, value: torch.Tensor, weight) -> None:
+    """Token-weighted running statistic: [sum of value*weight, sum of weight]."""
+    w = float(weight)
+    acc = stats.setdefault(key, [0.0, 0.0])
+    acc[0] += float(value) * w
+    acc[1] += w
+
+
+def _step_metrics(
+    scored: ScoredRollout, fns: RewardFunctions, adv, stats, loss, upd, timer, G
+) -> dict[str, float]:
+    ro = scored.rollout
+    lengths = ro.completion_mask.sum(-1).float()
+    m: dict[str, float] = {
+        "loss": loss,
+        "reward": float(scored.rewards.mean()),
+        "reward_std": float(scored.rewards.std()) if scored.rewards.numel() > 1 else 0.0,
+    }
+    for j, name in enumerate(fns.names):
+        col = scored.raw_rewards[:, j]
+        m[f"rewards/{name}/mean"] = float(col.nanmean())
+        valid = col[~col.isnan()]
+        m[f"rewards/{name}/std"] = float(valid.std()) if valid.numel() > 1 else 0.0
+    groups = scored.rewards.view(-1, G)
+    m["frac_reward_zero_std"] = float((groups.std(dim=1) == 0).float().mean())
+    m["advantages/mean"] = float(adv.mean())
+    m["advantages/std"] = float(adv.std()) if adv.numel() > 1 else 0.0
+    m["advantages/abs_mean"] = float(adv.abs().mean())
+    m["completion_length/mean"] = float(lengths.mean())
+    m["completion_length/max"] = float(lengths.max())
+    m["truncation_rate"] = float(ro.truncated.float().mean())
+    for k, (s, w) in stats.items():
+        m[k] = s / w if w else 0.0
+    m.update(upd)
+    m.update({f"time/{k}": v for k, v in timer.t.items()})
+    m["step_time"] = sum(timer.t.values())
+    return m

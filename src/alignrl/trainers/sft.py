@@ -1,0 +1,138 @@
+"""Supervised fine-tuning: next-token loss on completion (or assistant) tokens only."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from alignrl.config import TrainConfig
+from alignrl.data import SFTExample, length_grouped_batches, load_rows, pack, split_eval, tokenize_sft
+from alignrl.errors import AlignRLError
+from alignrl.logprobs import token_logprobs
+from alignrl.trainers import loop
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """SFT options on top of the shared ones."""
+
+    batch_size: int = 8  # sequences per micro-batch
+    eval_batch_size: int = 32
+    max_length: int = 512  # longer examples are truncated (counted in the log)
+    packing: bool = False  # concatenate examples into max_length blocks
+    group_by_length: bool = True  # batch similar lengths together to minimise padding
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.max_length < 2:
+            raise AlignRLError("batch_size must be ≥ 1 and max_length ≥ 2")
+
+
+def collate(batch: Sequence[SFTExample], pad_id: int, device: torch.device):
+    """Right-pad a batch into ids, attention mask and loss mask."""
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(batch), width), dtype=torch.long)
+    lmask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        attn[i, :n] = 1
+        lmask[i, :n] = torch.tensor(e.loss_mask)
+    return ids.to(device), attn.to(device), lmask.to(device)
+
+
+def nll_sum(model: nn.Module, batch, pad_id: int, device, cfg: SFTConfig) -> tuple[torch.Tensor, int]:
+    """Summed negative log-likelihood of the loss-masked tokens, and their count."""
+    ids, attn, lmask = collate(batch, pad_id, device)
+    target = lmask[:, 1:]
+    with loop.autocast(cfg, device):
+        logp, _ = token_logprobs(model, ids, attn, target, start=1, chunk_tokens=cfg.logprob_chunk_tokens)
+    return -logp.sum(), int(target.sum())
+
+
+def tokenize_all(path: str, rows, tokenizer, cfg: SFTConfig) -> tuple[list[SFTExample], int]:
+    examples, truncated = [], 0
+    for i, row in enumerate(rows.rows):
+        ex = tokenize_sft(row, tokenizer, rows.where(i))
+        if len(ex.input_ids) > cfg.max_length:
+            truncated += 1
+            ex = SFTExample(ex.input_ids[: cfg.max_length], ex.loss_mask[: cfg.max_length])
+        if sum(ex.loss_mask[1:]) == 0:
+            raise AlignRLError(f"{rows.where(i)}: no completion tokens to train on (empty or truncated away)")
+        examples.append(ex)
+    return examples, truncated
+
+
+@torch.no_grad()
+def eval_loss(model: nn.Module, examples: list[SFTExample], pad_id: int, device, cfg: SFTConfig) -> float:
+    """Token-mean NLL over an evaluation set."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    for s in range(0, len(order), cfg.eval_batch_size):
+        loss, n = nll_sum(
+            model, [examples[i] for i in order[s : s + cfg.eval_batch_size]], pad_id, device, cfg
+        )
+        total, count = total + float(loss), count + n
+    model.train(was)
+    return total / max(count, 1)
+
+
+def batches(examples: list[SFTExample], cfg: SFTConfig, rng: random.Random) -> Iterator[list[SFTExample]]:
+    """Endless epochs of (optionally length-grouped) batches."""
+    lengths = [len(e.input_ids) for e in examples]
+    while True:
+        if cfg.group_by_length:
+            epoch = length_grouped_batches(lengths, cfg.batch_size, rng)
+        else:
+            order = list(range(len(examples)))
+            rng.shuffle(order)
+            epoch = [order[s : s + cfg.batch_size] for s in range(0, len(order), cfg.batch_size)]
+        for b in epoch:
+            yield [examples[i] for i in b]
+
+
+def train(cfg: SFTConfig) -> Path:
+    """Run SFT; returns the final model directory."""
+    run = loop.start_run(cfg)
+    model, tok = loop.load_policy(cfg, run.device, rl=False)
+    rows = load_rows(cfg.train_file)
+    train_rows, eval_rows = split_eval(rows, cfg.eval_fraction, cfg.seed)
+    if cfg.eval_file:
+        eval_rows = load_rows(cfg.eval_file)
+    train_ex, n_trunc = tokenize_all(cfg.train_file, train_rows, tok, cfg)
+    eval_ex = tokenize_all(cfg.eval_file or cfg.train_file, eval_rows, tok, cfg)[0] if eval_rows else []
+    if cfg.packing:
+        train_ex = pack(train_ex, cfg.max_length)
+    pad = tok.pad_token_id
+    opt = loop.build_optimizer(model, cfg)
+    sched = loop.build_scheduler(opt, cfg, cfg.max_steps)
+    stream = batches(train_ex, cfg, random.Random(cfg.seed))
+    if eval_ex:
+        run.metrics.log(0, {"eval_loss": eval_loss(model, eval_ex, pad, run.device, cfg)})
+    for step in range(1, cfg.max_steps + 1):
+        t0 = time.perf_counter()
+        micro = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
+        # token-mean over the whole accumulated batch: each micro-batch divides by the global count
+        n_total = sum(sum(sum(e.loss_mask[1:]) for e in b) for b in micro)
+        total = 0.0
+        for b in micro:
+            loss, _ = nll_sum(model, b, pad, run.device, cfg)
+            (loss / n_total).backward()
+            total += float(loss.detach())
+        metrics = {"loss": total / n_total, "tokens": n_total, **loop.optimizer_step(model, opt, sched, cfg)}
+        metrics["step_time"] = time.perf_counter() - t0
+        if step == 1:
+            metrics["truncated_examples"] = n_trunc
+        if eval_ex and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps):
+            metrics["eval_loss"] = eval_loss(model, eval_ex, pad, run.device, cfg)
+        if step % cfg.logging_steps == 0 or "eval_loss" in metrics:
+            run.metrics.log(step, metrics)
+    return loop.finish(run, model, tok)

@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+import torch
+
+from alignrl.generation import SamplingParams, filter_logits, generate, left_pad
+from alignrl.logprobs import token_logprobs
+from alignrl.models import load_causal_lm, load_tokenizer
+
+
+def _setup(tiny_model):
+    tok = load_tokenizer(tiny_model)
+    model = load_causal_lm(tiny_model).eval()
+    ids, mask = left_pad(
+        [tok("12+34=").input_ids, tok("5=").input_ids, tok("hello, ").input_ids], tok.pad_token_id
+    )
+    return tok, model, ids, mask
+
+
+def _naive(model, ids, attn, start, temperature):
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits.double() / temperature
+    logp = logits.log_softmax(-1)[:, start - 1 : -1]
+    tok_logp = logp.gather(-1, ids[:, start:, None]).squeeze(-1)
+    ent = -(logp.exp() * logp).sum(-1)
+    return tok_logp, ent
+
+
+def test_rollout_logprobs_match_training_path_and_naive(tiny_model):
+    tok, model, ids, mask = _setup(tiny_model)
+    torch.manual_seed(0)
+    ro = generate(
+        model,
+        ids,
+        mask,
+        SamplingParams(12, temperature=0.7, top_k=20, top_p=0.9),
+        [tok.eos_token_id],
+        tok.pad_token_id,
+    )
+    P = ids.shape[1]
+    for chunk in (3, 4096):  # several chunks and one chunk
+        lp, ent = token_logprobs(
+            model,
+            ro.input_ids,
+            ro.attention_mask,
+            ro.completion_mask,
+            start=P,
+            temperature=0.7,
+            with_entropy=True,
+            chunk_tokens=chunk,
+        )
+        ref_lp, ref_ent = _naive(model, ro.input_ids, ro.attention_mask, P, 0.7)
+        m = ro.completion_mask.bool()
+        torch.testing.assert_close(lp[m].double(), ref_lp[m], atol=1e-5, rtol=0)
+        torch.testing.assert_close(ent[m].double(), ref_ent[m], atol=1e-5, rtol=0)
+        torch.testing.assert_close(lp, ro.logprobs, atol=1e-5, rtol=0)
+        assert (lp[~m] == 0).all()
+
+
+def test_chunked_gradient_equals_unchunked(tiny_model):
+    tok, model, ids, mask = _setup(tiny_model)
+    target = mask[:, 1:]
+    grads = []
+    for chunk in (2, 4096):
+        model.zero_grad()
+        lp, _ = token_logprobs(model, ids, mask, target, start=1, chunk_tokens=chunk)
+        (lp * torch.arange(lp.numel()).view_as(lp)).sum().backward()
+        grads.append(model.lm_head.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_matches_transformers_generate_and_stops(tiny_model):
+    tok, model, ids, mask = _setup(tiny_model)
+    ro = generate(model, ids, mask, SamplingParams(10, temperature=0.0), [tok.eos_token_id], tok.pad_token_id)
+    # transformers derives positions itself; RoPE is relative, so left padding gives the same result
+    hf = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=10,
+        do_sample=False,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )[:, ids.shape[1] :]
+    for row_ours, row_hf, n in zip(ro.completion_ids, hf, ro.completion_mask.sum(-1)):
+        assert row_ours[:n].tolist() == row_hf[:n].tolist()
+    assert ro.truncated.tolist() == [
+        bool(n == 10 and tok.eos_token_id not in r[:n].tolist())
+        for r, n in zip(ro.completion_ids, ro.completion_mask.sum(-1))
+    ]
+
+
+class _ForceEOS(torch.nn.Module):
+    """Wraps a model so that row 0 emits EOS as its 3rd token; other rows never do."""
+
+    def __init__(self, model, eos):
+        super().__init__()
+        self.m, self.eos, self.calls = model, eos, 0
+
+    def forward(self, **kw):
+        out = self.m(**kw)
+        out.logits[:, :, self.eos] = -1e9
+        if self.calls == 2:
+            out.logits[0, -1, self.eos] = 1e9
+        self.calls += 1
+        return out
+
+
+def test_eos_ends_completion_and_mask(tiny_model):
+    tok, model, ids, mask = _setup(tiny_model)
+    wrapped = _ForceEOS(model, tok.eos_token_id)
+    ro = generate(
+        wrapped, ids, mask, SamplingParams(6, temperature=1.0), [tok.eos_token_id], tok.pad_token_id
+    )
+    assert ro.completion_ids[0, 2] == tok.eos_token_id
+    assert ro.completion_mask[0].tolist() == [1, 1, 1, 0, 0, 0]
+    assert (ro.completion_ids[0, 3:] == tok.pad_token_id).all() and (ro.logprobs[0, 3:] == 0).all()
+    assert ro.truncated.tolist() == [False, True, True]
+    assert ro.completion_mask[1:].sum(-1).tolist() == [6, 6]
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, 2, 1.0)[0, 2:]).all()
+    kept = ~torch.isinf(filter_logits(logits, 0, 0.7))
+    assert kept.tolist() == [[True, True, False, False]]  # 0.5 < 0.7, 0.5 + 0.3 crosses it
+    assert (~torch.isinf(filter_logits(logits, 0, 0.5))).tolist() == [[True, False, False, False]]
