@@ -37,9 +37,10 @@ __all__ = [
 
 # A number as written in prose: optional sign (not glued to a preceding word/digit, so "10-5" is not "-5"),
 # optional "$", digits with proper thousands commas or plain digits, optional decimals; or ".5".
-_NUMBER = r"(?:(?<![\w.)])-\s?)?\$?\s?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
-_NUMBER_RE = re.compile(_NUMBER)
-_STRICT_RE = re.compile(r"####\s*(" + r"-?\s?\$?\s?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)" + r")")
+_DIGITS = r"\$?\s?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
+_NUMBER_RE = re.compile(r"(?:(?<![\w.)])-\s?)?" + _DIGITS)
+_STRICT_RE = re.compile(r"####\s*(-?\s?" + _DIGITS + ")")
+_THOUSANDS_RE = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")
 _PLAIN_NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 _WHITESPACE = re.compile(r"\s+")
 
@@ -73,8 +74,11 @@ def completion_text(completion: Any) -> str:
 
 def normalize_number(text: str) -> str | None:
     """Canonical decimal form of a number such as "1,234", "$5", "-0", "42.0" or "1e3"; None otherwise."""
-    cleaned = text.replace(",", "").replace("$", "").replace("\u2212", "-")
-    cleaned = _WHITESPACE.sub("", cleaned).rstrip(".")
+    cleaned = _WHITESPACE.sub("", text.replace("$", "").replace("\u2212", "-")).rstrip(".")
+    if "," in cleaned:  # only thousands separators: "1,234" is a number, "1,2" is not
+        if not _THOUSANDS_RE.fullmatch(cleaned):
+            return None
+        cleaned = cleaned.replace(",", "")
     if not _PLAIN_NUMBER_RE.fullmatch(cleaned):
         return None
     try:
@@ -204,10 +208,10 @@ def extract_boxed(text: str) -> str | None:
         return None
     match = starts[-1]
     if match.group(1) != "{":  # "\boxed 5": the next token up to whitespace or "$"
-        token = re.match(r"[^\s$]+", text[match.end():])
+        token = re.match(r"[^\s$]+", text[match.end() :])
         return token.group(0) if token else None
     end = _closing_brace(text, match.end())
-    return None if end is None else text[match.end():end].strip()
+    return None if end is None else text[match.end() : end].strip()
 
 
 def _closing_brace(text: str, start: int) -> int | None:
@@ -249,16 +253,19 @@ def _as_fraction(text: str) -> Fraction | None:
     number = normalize_number(text)
     if number is not None:
         return Fraction(Decimal(number))
-    m = _LATEX_FRAC.match(text)
-    if m:
-        groups = m.groups()
-        sign, num, den = groups[0:3] if groups[1] is not None else groups[3:6]
-        if int(den) != 0:
-            value = Fraction(int(num), int(den))
-            return -value if sign else value
-    m = re.fullmatch(r"(-?\d+)/(-?\d+)", text)
-    if m and int(m.group(2)) != 0:
-        return Fraction(int(m.group(1)), int(m.group(2)))
+    try:
+        m = _LATEX_FRAC.match(text)
+        if m:
+            groups = m.groups()
+            sign, num, den = groups[0:3] if groups[1] is not None else groups[3:6]
+            if int(den) != 0:
+                value = Fraction(int(num), int(den))
+                return -value if sign else value
+        m = re.fullmatch(r"(-?\d+)/(-?\d+)", text)
+        if m and int(m.group(2)) != 0:
+            return Fraction(int(m.group(1)), int(m.group(2)))
+    except ValueError:  # integers longer than Python's int-parsing digit limit
+        return None
     return None
 
 

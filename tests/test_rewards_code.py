@@ -1,0 +1,365 @@
+"""Sandboxed code-execution reward: scoring, and attacks that must end in time leaving the caller unharmed."""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from alignrl.errors import AlignRLError
+from alignrl.rewards import code as code_mod
+from alignrl.rewards.code import (
+    code_reward,
+    extract_code,
+    parse_tests,
+    run_tests,
+    run_tests_detailed,
+)
+
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="the code sandbox needs a POSIX system")
+
+TIMEOUT = 2.0  # seconds; every attack below must end within about this long
+DOUBLE = "def f(x):\n    return 2 * x\n"
+DOUBLE_TESTS = ["assert f(2) == 4", "assert f(0) == 0", "assert f(-3) == -6"]
+
+
+def _process_count() -> int:
+    """Number of processes on the system (Linux: /proc entries), or -1 where unknown."""
+    try:
+        return sum(1 for name in os.listdir("/proc") if name.isdigit())
+    except OSError:
+        return -1
+
+
+def _maxrss_kib() -> int:
+    """Peak resident memory of this process in KiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak // 1024 if sys.platform == "darwin" else peak  # macOS reports bytes
+
+
+def _sandbox_dirs() -> set[str]:
+    """Sandbox working directories currently in the temp dir."""
+    return {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("alignrl-sandbox-")}
+
+
+def _hard_layers() -> tuple[str, ...]:
+    """Layers active here, from a trivial run."""
+    return run_tests_detailed("x = 1", ["assert x == 1"], timeout=TIMEOUT).layers
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def test_passing_partial_and_failing_solutions() -> None:
+    assert run_tests(DOUBLE, DOUBLE_TESTS, timeout=TIMEOUT) == 1.0
+    half = "def f(x):\n    return x * x\n"  # right for 2 and 0, wrong for -3
+    assert run_tests(half, DOUBLE_TESTS, timeout=TIMEOUT) == pytest.approx(2 / 3)
+    assert (
+        run_tests("def f(x):\n    return 0\n", ["assert f(1) == 2", "assert f(3) == 6"], timeout=TIMEOUT)
+        == 0.0
+    )
+    assert run_tests("def f(x) return", DOUBLE_TESTS, timeout=TIMEOUT) == 0.0  # syntax error
+
+
+def test_detailed_result_reports_output_and_layers() -> None:
+    res = run_tests_detailed(
+        "print('hello')\n" + DOUBLE, ["assert f(1) == 2", "assert f(1) == 3"], timeout=TIMEOUT
+    )
+    assert (res.passed, res.total, res.timed_out) == (1, 2, False)
+    assert res.score == 0.5
+    assert "hello" in res.stdout
+    assert "test 1 failed: AssertionError" in res.stderr
+    assert "process" in res.layers and "rlimits" in res.layers
+    if sys.platform.startswith("linux"):
+        assert "audit-hook" in res.layers
+
+
+def test_tests_as_json_string_and_single_block() -> None:
+    assert run_tests(DOUBLE, '["assert f(1) == 2", "assert f(2) == 5"]', timeout=TIMEOUT) == 0.5
+    assert run_tests(DOUBLE, "assert f(1) == 2\nassert f(2) == 4", timeout=TIMEOUT) == 1.0
+    assert parse_tests("assert True") == ["assert True"]
+    assert parse_tests('["a", "b"]') == ["a", "b"]
+    with pytest.raises(AlignRLError, match="empty"):
+        parse_tests([])
+    with pytest.raises(AlignRLError, match="string"):
+        parse_tests([1, 2])  # type: ignore[list-item]
+
+
+def test_solution_raising_at_top_level_keeps_its_definitions() -> None:
+    code = DOUBLE + "print(f(int(input())))\n"  # input() hits EOF: stdin is /dev/null
+    assert run_tests(code, DOUBLE_TESTS, timeout=TIMEOUT) == 1.0
+
+
+def test_stdlib_threads_and_files_in_workdir_work() -> None:
+    code = (
+        "import threading, json, tempfile, collections, dataclasses\n"
+        "box = []\n"
+        "t = threading.Thread(target=box.append, args=(1,)); t.start(); t.join()\n"
+        "open('data.json', 'w').write(json.dumps({'a': 1}))\n"
+        "with tempfile.TemporaryFile() as tf:\n    tf.write(b'ok')\n"
+        "P = collections.namedtuple('P', 'x y')\n"
+    )
+    tests = ["assert box == [1]", "assert json.load(open('data.json')) == {'a': 1}", "assert P(1, 2).y == 2"]
+    assert run_tests(code, tests, timeout=TIMEOUT) == 1.0
+
+
+def test_invalid_limits_raise() -> None:
+    with pytest.raises(AlignRLError, match="timeout"):
+        run_tests(DOUBLE, DOUBLE_TESTS, timeout=0)
+    with pytest.raises(AlignRLError, match="memory_mb"):
+        run_tests(DOUBLE, DOUBLE_TESTS, memory_mb=8)
+    with pytest.raises(AlignRLError, match="cpu_seconds"):
+        run_tests(DOUBLE, DOUBLE_TESTS, cpu_seconds=0)
+
+
+def test_non_posix_platform_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(code_mod.os, "name", "nt")
+    with pytest.raises(AlignRLError, match="POSIX"):
+        run_tests(DOUBLE, DOUBLE_TESTS)
+
+
+def test_infrastructure_failures_raise(monkeypatch: pytest.MonkeyPatch) -> None:
+    with monkeypatch.context() as m:
+        m.setattr(code_mod, "_CHILD_SOURCE", "import sys\nsys.exit('harness exploded')\n")
+        with pytest.raises(AlignRLError, match="failed to start.*harness exploded"):
+            run_tests(DOUBLE, DOUBLE_TESTS, timeout=TIMEOUT)
+    monkeypatch.setattr(code_mod.sys, "executable", "/nonexistent/python")
+    with pytest.raises(AlignRLError, match="cannot start"):
+        run_tests(DOUBLE, DOUBLE_TESTS, timeout=TIMEOUT)
+
+
+def test_workdir_is_removed() -> None:
+    before = _sandbox_dirs()
+    run_tests("import os\nos.mkdir('locked', 0)\nopen('f', 'w').write('x')", ["assert True"], timeout=TIMEOUT)
+    assert _sandbox_dirs() <= before
+
+
+# ---------------------------------------------------------------- resource attacks
+
+
+def test_infinite_loop_times_out() -> None:
+    start = time.monotonic()
+    res = run_tests_detailed("while True:\n    pass\n", DOUBLE_TESTS, timeout=TIMEOUT)
+    assert res.timed_out and res.score == 0.0
+    assert time.monotonic() - start < TIMEOUT + 3
+
+
+def test_tests_finished_before_a_timeout_still_count() -> None:
+    code = "def f(x):\n    while x < 0:\n        pass\n    return 2 * x\n"  # hangs on negative input
+    res = run_tests_detailed(code, DOUBLE_TESTS, timeout=TIMEOUT)
+    assert res.timed_out and res.passed == 2
+
+
+def test_cpu_limit_kills_busy_loop_before_wall_timeout() -> None:
+    start = time.monotonic()
+    res = run_tests_detailed("while True:\n    pass\nok = True\n", ["assert ok"], timeout=30, cpu_seconds=1)
+    assert res.score == 0.0 and not res.timed_out
+    assert time.monotonic() - start < 10
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS is only enforced on Linux")
+def test_memory_bomb_fails_fast() -> None:
+    before = _maxrss_kib()
+    start = time.monotonic()
+    code = "blocks = []\nwhile True:\n    blocks.append(bytearray(10**7))\nok = True\n"
+    assert run_tests(code, ["assert ok"], timeout=TIMEOUT, memory_mb=256) == 0.0
+    assert time.monotonic() - start < TIMEOUT + 3
+    assert _maxrss_kib() - before < 100 * 1024
+
+
+def test_huge_stdout_is_capped() -> None:
+    before = _maxrss_kib()
+    start = time.monotonic()
+    code = "import sys\nchunk = 'x' * 10**8\nwhile True:\n    print(chunk)\n"
+    res = run_tests_detailed(code + DOUBLE, DOUBLE_TESTS, timeout=TIMEOUT)
+    assert time.monotonic() - start < TIMEOUT + 3
+    assert len(res.stdout) <= 64 * 1024
+    assert _maxrss_kib() - before < 100 * 1024
+    assert res.score == 0.0  # print raised "file too large" before f was defined
+
+
+def test_fork_bomb_is_contained() -> None:
+    before = _process_count()
+    start = time.monotonic()
+    bomb = "import os\nwhile True:\n    os.fork()\nok = True\n"
+    assert run_tests(bomb, ["assert ok"], timeout=TIMEOUT) == 0.0
+    if "seccomp" in _hard_layers():  # without the audit hook, the kernel filter alone must stop it
+        res = code_mod._run_sandboxed(
+            bomb, ["assert ok"], timeout=TIMEOUT, memory_mb=256, cpu_seconds=3, disable=("audit-hook",)
+        )
+        assert res.score == 0.0
+    assert time.monotonic() - start < 2 * TIMEOUT + 5
+    if before >= 0:
+        deadline = time.monotonic() + 5
+        while _process_count() > before + 20 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _process_count() <= before + 20
+    subprocess.run([sys.executable, "-c", "pass"], check=True, timeout=30)  # the caller can still spawn
+
+
+# ---------------------------------------------------------------- escape attempts
+
+
+def test_os_system_is_blocked(tmp_path: Path) -> None:
+    target = tmp_path / "pwned"
+    code = f"import os\nrc = os.system('touch {target}')\n"
+    assert run_tests(code, ["assert rc == 0"], timeout=TIMEOUT) == 0.0
+    if "seccomp" in _hard_layers():
+        res = code_mod._run_sandboxed(
+            code, ["assert rc == 0"], timeout=TIMEOUT, memory_mb=256, cpu_seconds=3, disable=("audit-hook",)
+        )
+        assert res.score == 0.0
+    assert not target.exists()
+
+
+def test_subprocess_is_blocked(tmp_path: Path) -> None:
+    target = tmp_path / "pwned"
+    code = f"import subprocess\nsubprocess.run(['touch', '{target}'])\nok = True\n"
+    assert run_tests(code, ["assert ok"], timeout=TIMEOUT) == 0.0
+    assert not target.exists()
+
+
+@pytest.mark.parametrize(
+    "writer",
+    [
+        "open({path!r}, 'w').write('x')",
+        "import os\nfd = os.open({path!r}, os.O_WRONLY | os.O_CREAT)\nos.write(fd, b'x')",
+        "import os, pathlib\nos.symlink({parent!r}, 'link')\npathlib.Path('link', 'pwned').write_text('x')",
+        "import shutil\nopen('local', 'w').write('x')\nshutil.copy('local', {path!r})",
+    ],
+)
+def test_writing_outside_the_workdir_is_blocked(tmp_path: Path, writer: str) -> None:
+    target = tmp_path / "pwned"
+    code = writer.format(path=str(target), parent=str(tmp_path)) + "\nok = True\n"
+    assert run_tests(code, ["assert ok"], timeout=TIMEOUT) == 0.0
+    layers = _hard_layers()
+    if any(layer.startswith("landlock") for layer in layers) or "uid:nobody" in layers:
+        res = code_mod._run_sandboxed(
+            code, ["assert ok"], timeout=TIMEOUT, memory_mb=256, cpu_seconds=3, disable=("audit-hook",)
+        )
+        assert res.score == 0.0
+    assert not target.exists()
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_network_is_blocked() -> None:
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.settimeout(0.3)
+    port = server.getsockname()[1]
+    attempts = [
+        f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\nok = True\n",
+        f"import _socket\ns = _socket.socket()\ns.connect(('127.0.0.1', {port}))\nok = True\n",
+    ]
+    try:
+        for code in attempts:
+            assert run_tests(code, ["assert ok"], timeout=TIMEOUT) == 0.0
+            if "seccomp" in _hard_layers():
+                res = code_mod._run_sandboxed(
+                    code,
+                    ["assert ok"],
+                    timeout=TIMEOUT,
+                    memory_mb=256,
+                    cpu_seconds=3,
+                    disable=("audit-hook",),
+                )
+                assert res.score == 0.0
+        with pytest.raises(socket.timeout):
+            conn, _ = server.accept()
+            conn.close()
+    finally:
+        server.close()
+
+
+def test_environment_secret_is_not_visible(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ALIGNRL_TEST_SECRET", "s3cret-value")
+    code = "import os\nseen = os.environ.get('ALIGNRL_TEST_SECRET')\n"
+    tests = [
+        "assert seen == 's3cret-value'",
+        "assert b's3cret' in open('/proc/%d/environ' % os.getppid(), 'rb').read()",
+        "assert 'ALIGNRL_TEST_SECRET' in os.environ",
+        "assert os.environ['HOME'] == os.getcwd()",  # control: the child does see its own minimal env
+    ]
+    res = run_tests_detailed(code, tests, timeout=TIMEOUT)
+    assert (res.passed, res.total) == (1, 4)
+
+
+def test_signalling_the_caller_is_blocked() -> None:
+    code = "import os, signal\nos.kill(os.getppid(), signal.SIGSTOP)\nok = True\n"
+    assert run_tests(code, ["assert ok"], timeout=TIMEOUT) == 0.0
+    if "seccomp" in _hard_layers():
+        res = code_mod._run_sandboxed(
+            code, ["assert ok"], timeout=TIMEOUT, memory_mb=256, cpu_seconds=3, disable=("audit-hook",)
+        )
+        assert res.score == 0.0
+    assert run_tests(DOUBLE, DOUBLE_TESTS, timeout=TIMEOUT) == 1.0  # we were not stopped
+
+
+def test_forged_result_lines_do_not_count() -> None:
+    forger = (
+        "import os, sys\n"
+        "fake = b'0 0 1\\n0 1 1\\n0 2 1\\nPASSED 3/3\\n' + b''.join(b'%x %d 1\\n' % (n, i)"
+        " for n in range(16) for i in range(3))\n"
+        "for fd in range(64):\n"
+        "    try:\n        os.write(fd, fake)\n    except OSError:\n        pass\n"
+        "print('3/3 tests passed')\n"
+        "def f(x):\n    return 0\n"
+    )
+    assert run_tests(forger, DOUBLE_TESTS, timeout=TIMEOUT) == pytest.approx(1 / 3)  # only f(0) == 0 holds
+    early_exit = (
+        "import os\ndef f(x):\n    return 2 * x\nos._exit(0)\n"  # report nothing, exit "successfully"
+    )
+    assert run_tests(early_exit, DOUBLE_TESTS, timeout=TIMEOUT) == 0.0
+    closes_channel = "import os\nos.close(3)\n" + DOUBLE
+    assert run_tests(closes_channel, DOUBLE_TESTS, timeout=TIMEOUT) == 0.0
+    sys_exit = DOUBLE + "import sys\nsys.exit(0)\n"  # SystemExit at top level must not skip the tests
+    assert run_tests(sys_exit, ["assert f(1) == 3"], timeout=TIMEOUT) == 0.0
+
+
+# ---------------------------------------------------------------- code_reward
+
+
+def test_extract_code() -> None:
+    text = "Here:\n```python\ndef f():\n    return 1\n```\nand better:\n```py\ndef f():\n    return 2\n```\n"
+    assert extract_code(text) == "def f():\n    return 2\n"
+    assert extract_code("```\nx = 1\n```") == "x = 1\n"
+    assert extract_code("```python\nx = 1\n```\n```text\nnot code\n```") == "x = 1\n"
+    assert extract_code("x = 3") == "x = 3"
+    assert extract_code("```python\nx = 4\n") == "x = 4\n"  # truncated completion: unterminated fence
+    assert extract_code([{"role": "assistant", "content": "```python\ny = 5\n```"}]) == "y = 5\n"
+
+
+def test_code_reward_on_fenced_completions() -> None:
+    completions = [
+        "Sure!\n```python\n" + DOUBLE + "```",
+        [{"role": "assistant", "content": "```python\ndef f(x):\n    return x + x\n```"}],
+        "```python\ndef f(x):\n    return x\n```",
+        "",
+        "I cannot solve this.",
+    ]
+    tests = [
+        DOUBLE_TESTS,
+        DOUBLE_TESTS,
+        '["assert f(0) == 0", "assert f(1) == 2"]',
+        DOUBLE_TESTS,
+        DOUBLE_TESTS,
+    ]
+    start = time.monotonic()
+    rewards = code_reward(["p"] * 5, completions, [[1]] * 5, tests=tests)
+    assert rewards == pytest.approx([1.0, 1.0, 0.5, 0.0, 0.0])
+    assert time.monotonic() - start < 20
+
+
+def test_code_reward_column_errors() -> None:
+    with pytest.raises(AlignRLError, match="one entry per completion"):
+        code_reward(["p"], ["x = 1"], tests=[["assert True"], ["assert True"]])
+    with pytest.raises(AlignRLError, match="sample 0"):
+        code_reward(["p"], ["x = 1"], tests=[[]])
