@@ -54,6 +54,11 @@ class TrainConfig:
     logging_steps: int = 1
     eval_steps: int = 0  # 0: evaluate only at the end
     progress_bar: bool = True
+    # checkpoints, resume and bad numbers (see alignrl/checkpoint.py)
+    save_steps: int = 500  # checkpoint OUTPUT_DIR/checkpoint-STEP every N steps; 0: only on SIGINT/SIGTERM
+    save_total_limit: int = 2  # keep the newest N checkpoints; 0 keeps all
+    resume: str | None = None  # auto (latest complete checkpoint in output_dir, else start fresh) or a checkpoint dir
+    max_nonfinite_in_a_row: int = 10  # abort after N consecutive updates skipped for a non-finite loss/grad; 0: never
 
 
 def _type_name(tp: Any) -> str:

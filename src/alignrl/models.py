@@ -200,12 +200,17 @@ def save_pretrained_atomic(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path
 ) -> None:
     """Save a loadable HF directory (safetensors); LoRA adapters are merged into a copy of the weights first."""
+    with atomic_dir(out_dir) as tmp:
+        write_pretrained(model, tokenizer, tmp)
+
+
+def write_pretrained(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path) -> None:
+    """Write model (LoRA merged into a copy) and tokenizer into an existing directory (checkpoints use this too)."""
     inner = getattr(model, "module", model)
     if is_peft(inner):
         import copy
 
         inner = copy.deepcopy(inner).merge_and_unload()  # type: ignore[operator]
-    with atomic_dir(out_dir) as tmp:
-        inner.save_pretrained(tmp, safe_serialization=True)  # type: ignore[union-attr]
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+    inner.save_pretrained(out_dir, safe_serialization=True)  # type: ignore[union-attr]
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)

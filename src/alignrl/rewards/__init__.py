@@ -27,7 +27,11 @@ BUILTIN_REWARDS = {
 
 
 def load_reward_function(spec: str) -> tuple[str, RewardFn]:
-    """Resolve a reward spec to (name, callable)."""
+    """Resolve a reward spec to (name, callable); a model directory (with config.json) is a reward model."""
+    if (Path(spec) / "config.json").is_file():
+        from alignrl.rewards.reward_model import RewardModelScorer
+
+        return RewardModelScorer.name_for(spec), RewardModelScorer(spec)
     target = BUILTIN_REWARDS.get(spec, spec)
     module_part, sep, fn_name = target.rpartition(":")
     if not sep or not module_part or not fn_name:
@@ -132,6 +136,8 @@ class RewardFunctions:
                     raise AlignRLError(
                         f"reward function {name} returned {v!r} (not a number or None) at index {i}"
                     )
+                if abs(v) == float("inf"):  # NaN is kept: it means "does not apply", like None
+                    raise AlignRLError(f"reward function {name} returned {v} at index {i} (not finite)")
                 out[i, j] = float(v)
         return out
 

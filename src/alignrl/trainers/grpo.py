@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 
+from alignrl import checkpoint
 from alignrl.algos.advantages import ADVANTAGE_ESTIMATORS
 from alignrl.algos.kl import kl_estimate
 from alignrl.algos.policy_loss import aggregate_loss, clipped_policy_loss
@@ -192,17 +193,19 @@ def train(cfg: GRPOConfig) -> Path:
         ref = load_causal_lm(cfg.model, cfg.dtype, run.device).eval().requires_grad_(False)
     opt = loop.build_optimizer(model, cfg)
     sched = loop.build_scheduler(opt, cfg, cfg.max_steps * cfg.num_iterations)
-    stream = infinite_batches(len(data), cfg.prompts_per_step, random.Random(cfg.seed))
+    stream = checkpoint.ReplayStream(lambda: infinite_batches(len(data), cfg.prompts_per_step, random.Random(cfg.seed)))
+    first = run.register(model, tok, optimizer=opt, scheduler=sched, data=stream)
     G = cfg.num_generations
-    if eval_rows:
+    if eval_rows and first == 1:
         run.metrics.log(0, {"eval_reward": _eval(model, tok, eval_rows, fns, cfg, run.device)})
-    for step in range(1, cfg.max_steps + 1):
+    for step in range(first, cfg.max_steps + 1):
         timer = loop.Timer()
         with timer("generation"):
             scored, ds_metrics = rollout_batch(model, tok, data, stream, cfg, fns, run.device)
         ro = scored.rollout
         if ro.completion_ids.shape[0] == 0:  # dynamic sampling found no informative group
             run.metrics.log(step, {**ds_metrics, "skipped_step": 1.0})
+            run.end_step(step)
             continue
         adv = ADVANTAGE_ESTIMATORS[cfg.advantage_estimator](scored.rewards, G, cfg.scale_rewards, 1e-4)
         mask = ro.completion_mask.float()
@@ -276,7 +279,7 @@ def train(cfg: GRPOConfig) -> Path:
                             masked_mean(ent, ro.completion_mask[sel].float()),
                             ro.completion_mask[sel].sum(),
                         )
-                upd = loop.optimizer_step(model, opt, sched, cfg)
+                upd = loop.optimizer_step(model, opt, sched, cfg, loss=loss_total, run=run)
         metrics = _step_metrics(scored, fns, adv, stats, loss_total, upd, timer, G)
         metrics.update(ds_metrics)
         if eval_rows and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps):
@@ -294,6 +297,7 @@ def train(cfg: GRPOConfig) -> Path:
                     for i in range(min(cfg.log_completions, len(scored.completions)))
                 ],
             )
+        run.end_step(step)
     return loop.finish(run, model, tok)
 
 
@@ -327,6 +331,8 @@ def _step_metrics(
         "reward": float(scored.rewards.mean()),
         "reward_std": float(scored.rewards.std()) if scored.rewards.numel() > 1 else 0.0,
     }
+    # samples for which every reward function returned None/NaN (their combined reward is 0)
+    m["rewards/none_applicable"] = float(scored.raw_rewards.isnan().all(dim=1).sum())
     for j, name in enumerate(fns.names):
         col = scored.raw_rewards[:, j]
         m[f"rewards/{name}/mean"] = float(col.nanmean())

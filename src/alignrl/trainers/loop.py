@@ -7,7 +7,9 @@ import json
 import math
 import os
 import random
+import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from alignrl import checkpoint
 from alignrl.config import TrainConfig, save_config
 from alignrl.errors import AlignRLError
 from alignrl.models import (
@@ -38,7 +41,7 @@ def set_seed(seed: int) -> None:
 
 @dataclass
 class Run:
-    """What a trainer needs about its run: config, device, output directory, metrics sink."""
+    """What a trainer needs about its run: config, device, output directory, metrics sink, checkpoint state."""
 
     cfg: TrainConfig
     device: torch.device
@@ -46,18 +49,93 @@ class Run:
     metrics: MetricsLogger
     step: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    resume_from: Path | None = None  # the checkpoint this run continues from (resolved from cfg.resume)
+    nonfinite_in_a_row: int = 0  # consecutive updates skipped for a non-finite loss or gradient
+    nonfinite_total: int = 0
+    model: nn.Module | None = None
+    tokenizer: Any = None
+    components: dict[str, Any] = field(default_factory=dict)
+    last_saved: int = -1
+
+    def register(self, model: nn.Module, tokenizer: Any = None, **components: Any) -> int:
+        """Track what a checkpoint holds (objects with state_dict/load_state_dict, by name) and, when resuming,
+        restore it all (weights, components, RNGs, counters). Returns the first step to run (1 when fresh)."""
+        for name, c in components.items():
+            if not (callable(getattr(c, "state_dict", None)) and callable(getattr(c, "load_state_dict", None))):
+                raise TypeError(f"checkpoint component {name!r} has no state_dict/load_state_dict")
+        self.model, self.tokenizer, self.components = model, tokenizer, components
+        if self.resume_from is None:
+            return 1
+        modules = {n: c for n, c in components.items() if isinstance(c, nn.Module)}
+        state = checkpoint.load_checkpoint(self.resume_from, model, self.device, modules)
+        missing = sorted(set(components) - set(modules) - set(state.get("components", {})))
+        if missing:
+            raise AlignRLError(f"resume: {self.resume_from} has no state for {missing[0]!r} (another trainer's?)")
+        for name, c in components.items():
+            if name not in modules:
+                c.load_state_dict(state["components"][name])
+        self.nonfinite_in_a_row = int(state["run"]["nonfinite_in_a_row"])
+        self.nonfinite_total = int(state["run"]["nonfinite_total"])
+        checkpoint.set_rng_state(state["rng"])
+        self.step = self.last_saved = int(state["step"])
+        print(f"alignrl: resumed from {self.resume_from} (step {self.step})", file=sys.stderr)
+        return self.step + 1
+
+    def save(self, step: int) -> Path:
+        """Write checkpoint-STEP now (atomically) and rotate old ones."""
+        if self.model is None:
+            raise RuntimeError("Run.register(model, ...) must be called before saving checkpoints")
+        modules = {n: c for n, c in self.components.items() if isinstance(c, nn.Module)}
+        state = {
+            "components": {n: c.state_dict() for n, c in self.components.items() if n not in modules},
+            "rng": checkpoint.rng_state(),
+            "run": {"nonfinite_in_a_row": self.nonfinite_in_a_row, "nonfinite_total": self.nonfinite_total},
+        }
+        cfg_text = (self.out / "config.yaml").read_text() if (self.out / "config.yaml").is_file() else None
+        path = checkpoint.save_checkpoint(self.out, step, self.model, self.tokenizer, state, cfg_text, modules)
+        self.last_saved = step
+        checkpoint.rotate(self.out, self.cfg.save_total_limit)
+        return path
+
+    def end_step(self, step: int) -> None:
+        """Call once at the end of every step: saves every save_steps steps; after SIGINT/SIGTERM (inside
+        checkpoint.stop_on_signals) saves and raises checkpoint.TrainingStopped."""
+        self.step = step
+        if self.cfg.save_steps > 0 and step % self.cfg.save_steps == 0:
+            self.save(step)
+        signum = checkpoint.stop_requested()
+        if signum is not None:
+            path = self.save(step) if self.last_saved != step else checkpoint.checkpoint_dir(self.out, step)
+            self.metrics.close()
+            raise checkpoint.TrainingStopped(signum, step, path)
+
+
+def _check_reliability_options(cfg: TrainConfig) -> None:
+    for name in ("save_steps", "save_total_limit", "max_nonfinite_in_a_row"):
+        if getattr(cfg, name) < 0:
+            raise AlignRLError(f"{name}: must be ≥ 0, got {getattr(cfg, name)}")
 
 
 def start_run(cfg: TrainConfig) -> Run:
-    """Seed, configure threads and device, create the output directory and save the resolved config there."""
+    """Seed, configure threads and device, create the output directory and save the resolved config there;
+    with cfg.resume, find the checkpoint to continue from and keep metrics.jsonl rows up to its step."""
+    _check_reliability_options(cfg)
     set_seed(cfg.seed)
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    resume_from = checkpoint.resolve_resume(cfg.resume, out)
+    if cfg.resume == "auto" and resume_from is None:
+        print(f"alignrl: resume=auto: no complete checkpoint in {out}; starting fresh", file=sys.stderr)
+    keep = checkpoint.checkpoint_step(resume_from) if resume_from is not None else None
+    gone = checkpoint.discard_after(out, -1 if keep is None else keep)  # saved later by an earlier run
+    if gone:
+        print(f"alignrl: removed {len(gone)} checkpoint(s) of an earlier run in {out}", file=sys.stderr)
     save_config(cfg, out / "config.yaml")
-    return Run(cfg=cfg, device=device, out=out, metrics=MetricsLogger(out, cfg.max_steps, cfg.progress_bar))
+    metrics = MetricsLogger(out, cfg.max_steps, cfg.progress_bar, keep_until=keep)
+    return Run(cfg=cfg, device=device, out=out, metrics=metrics, resume_from=resume_from)
 
 
 def load_policy(cfg: TrainConfig, device: torch.device, *, rl: bool) -> tuple[nn.Module, Any]:
@@ -114,32 +192,65 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_updates:
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def optimizer_step(model: nn.Module, opt: torch.optim.Optimizer, sched, cfg: TrainConfig) -> dict[str, float]:
-    """Clip gradients, step optimiser and schedule; a non-finite gradient norm skips the update."""
+def optimizer_step(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched,
+    cfg: TrainConfig,
+    *,
+    loss: float | torch.Tensor | None = None,
+    run: Run | None = None,
+) -> dict[str, float]:
+    """Clip gradients, step optimiser and schedule; a non-finite gradient norm (or `loss`) skips the update.
+    With `run`, skipped updates are counted and cfg.max_nonfinite_in_a_row consecutive ones abort the run."""
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(
         params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     )
-    finite = bool(torch.isfinite(norm))
+    finite = bool(torch.isfinite(norm)) and (loss is None or math.isfinite(float(loss)))
     if finite:
         opt.step()
     opt.zero_grad(set_to_none=True)
-    sched.step()
-    return {"grad_norm": float(norm), "lr": sched.get_last_lr()[0], "skipped_update": float(not finite)}
+    with warnings.catch_warnings():  # a skipped first update makes torch warn about the call order
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        sched.step()
+    out = {"grad_norm": float(norm), "lr": sched.get_last_lr()[0], "skipped_update": float(not finite)}
+    if run is not None:
+        run.nonfinite_in_a_row = 0 if finite else run.nonfinite_in_a_row + 1
+        run.nonfinite_total += int(not finite)
+        out["skipped_updates_total"] = float(run.nonfinite_total)
+        limit = cfg.max_nonfinite_in_a_row
+        if limit and run.nonfinite_in_a_row >= limit:
+            raise AlignRLError(
+                f"{run.nonfinite_in_a_row} updates in a row had a non-finite loss or gradient (at step "
+                f"{run.step + 1}; max_nonfinite_in_a_row={limit}): lower learning_rate, check the data and "
+                "reward functions, or use float32/bfloat16; resume=auto continues from the last checkpoint"
+            )
+    return out
 
 
 class MetricsLogger:
     """One JSON line of metrics per step in OUTPUT_DIR/metrics.jsonl, plus an optional progress bar."""
 
-    def __init__(self, out: Path, total: int, progress: bool):
+    def __init__(self, out: Path, total: int, progress: bool, keep_until: int | None = None):
+        """keep_until: resuming after that step: keep the rows logged up to it (drop later ones), else start empty."""
         self.path = out / "metrics.jsonl"
         self.samples_path = out / "samples.jsonl"
-        self.path.write_text("")
+        for path in (self.path, self.samples_path):
+            if keep_until is None or not path.is_file():
+                path.write_text("")
+                continue
+            kept = []
+            for line in path.read_text().splitlines():
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    if json.loads(line)["step"] <= keep_until:
+                        kept.append(line + "\n")
+            path.write_text("".join(kept))  # a torn last line (killed mid-write) is dropped too
         self.bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc="train", dynamic_ncols=True, leave=False)
+            self.bar = tqdm(total=total, desc="train", dynamic_ncols=True, leave=False, initial=keep_until or 0)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}

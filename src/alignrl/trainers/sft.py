@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from alignrl import checkpoint
 from alignrl.config import TrainConfig
 from alignrl.data import SFTExample, length_grouped_batches, load_rows, pack, split_eval, tokenize_sft
 from alignrl.errors import AlignRLError
@@ -114,10 +115,11 @@ def train(cfg: SFTConfig) -> Path:
     pad = tok.pad_token_id
     opt = loop.build_optimizer(model, cfg)
     sched = loop.build_scheduler(opt, cfg, cfg.max_steps)
-    stream = batches(train_ex, cfg, random.Random(cfg.seed))
-    if eval_ex:
+    stream = checkpoint.ReplayStream(lambda: batches(train_ex, cfg, random.Random(cfg.seed)))
+    first = run.register(model, tok, optimizer=opt, scheduler=sched, data=stream)
+    if eval_ex and first == 1:
         run.metrics.log(0, {"eval_loss": eval_loss(model, eval_ex, pad, run.device, cfg)})
-    for step in range(1, cfg.max_steps + 1):
+    for step in range(first, cfg.max_steps + 1):
         t0 = time.perf_counter()
         micro = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
         # token-mean over the whole accumulated batch: each micro-batch divides by the global count
@@ -127,7 +129,8 @@ def train(cfg: SFTConfig) -> Path:
             loss, _ = nll_sum(model, b, pad, run.device, cfg)
             (loss / n_total).backward()
             total += float(loss.detach())
-        metrics = {"loss": total / n_total, "tokens": n_total, **loop.optimizer_step(model, opt, sched, cfg)}
+        mean = total / n_total
+        metrics = {"loss": mean, "tokens": n_total, **loop.optimizer_step(model, opt, sched, cfg, loss=mean, run=run)}
         metrics["step_time"] = time.perf_counter() - t0
         if step == 1:
             metrics["truncated_examples"] = n_trunc
@@ -135,4 +138,5 @@ def train(cfg: SFTConfig) -> Path:
             metrics["eval_loss"] = eval_loss(model, eval_ex, pad, run.device, cfg)
         if step % cfg.logging_steps == 0 or "eval_loss" in metrics:
             run.metrics.log(step, metrics)
+        run.end_step(step)
     return loop.finish(run, model, tok)

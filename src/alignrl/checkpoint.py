@@ -1,0 +1,380 @@
+"""Checkpoints and exact resume: the one save/load path every trainer uses.
+
+How to add checkpointing to a trainer (a few lines; sft.py and grpo.py are the worked examples):
+
+    run = loop.start_run(cfg)                      # resolves cfg.resume, keeps metrics.jsonl up to that step
+    model, tok = loop.load_policy(cfg, run.device, rl=True)
+    opt = loop.build_optimizer(model, cfg)
+    sched = loop.build_scheduler(opt, cfg, total_updates)
+    stream = checkpoint.ReplayStream(lambda: infinite_batches(len(data), bs, random.Random(cfg.seed)))
+    first = run.register(model, tok, optimizer=opt, scheduler=sched, data=stream, kl_ctl=kl_ctl)
+    if first == 1: ...                             # things done once before step 1 (e.g. the step-0 eval)
+    for step in range(first, cfg.max_steps + 1):
+        ...
+        upd = loop.optimizer_step(model, opt, sched, cfg, loss=loss, run=run)  # skip + count non-finite updates
+        run.metrics.log(step, metrics)
+        run.end_step(step)                         # every save_steps, and on SIGINT/SIGTERM: save (and stop)
+    return loop.finish(run, model, tok)
+
+`register` takes any objects with `state_dict()` / `load_state_dict()` (optimizer, scheduler, KL controller, ...)
+by keyword; `nn.Module` components (a value head, a critic, a second policy) are saved as safetensors. The
+python/numpy/torch/CUDA RNG states, the step and the run's counters (non-finite skips) are always saved. Only
+the trained model's weights and registered components are restored: frozen models (reference, reward model) are
+reloaded from their own paths as in a fresh run. The data stream must be restorable: wrap a deterministic
+generator factory in `ReplayStream` (its state is the number of items drawn; resuming rebuilds the generator and
+skips that many), or pass an object with state_dict/load_state_dict. Anything else random must draw from the
+global RNGs or be registered. Pass `loss=` and `run=` to loop.optimizer_step so non-finite updates are counted
+(metric skipped_updates_total) and max_nonfinite_in_a_row consecutive ones abort with a clear message.
+
+Layout of OUTPUT_DIR/checkpoint-STEP/ (written in a temporary sibling directory, fsynced, renamed):
+- a normal HF model directory (config.json, model.safetensors, tokenizer files); LoRA adapters are merged;
+- trainable.safetensors: the trainable parameters as they are in the training model (LoRA adapter weights),
+  so a resume restores them exactly; only for peft models (a full model is restored from model.safetensors);
+- module-NAME.safetensors: each registered nn.Module component;
+- trainer_state.pt: the registered components' states, RNG states and counters (read with weights_only=True);
+- config.yaml: the run's config; alignrl_checkpoint.json: the completion marker, written last, listing every
+  file and its size. A directory without a valid marker (half-written) is never loaded.
+
+Signals: inside `stop_on_signals()` (the CLI wraps every command in it) the first SIGINT/SIGTERM asks the loop to
+save a checkpoint at the end of the current step and raise `TrainingStopped`; the CLI then exits with status
+128 + signal number (130 for SIGINT, 143 for SIGTERM), so shell pipelines do not carry on with an unfinished
+model. A second signal stops at once (the last complete checkpoint is still used on resume).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from alignrl.errors import AlignRLError
+from alignrl.models import atomic_dir, is_peft, unwrap, write_pretrained
+
+MARKER = "alignrl_checkpoint.json"
+STATE_FILE = "trainer_state.pt"
+TRAINABLE_FILE = "trainable.safetensors"
+FORMAT = 1
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+class TrainingStopped(Exception):
+    """Raised by the loop after saving a checkpoint because SIGINT/SIGTERM was received."""
+
+    def __init__(self, signum: int, step: int, path: Path):
+        self.signum, self.step, self.path = signum, step, path
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {path} "
+            "(continue with resume=auto)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- RNG states
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch CPU and CUDA RNG states, as types torch.load(weights_only=True) accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the states returned by rng_state()."""
+    random.setstate(_as_tuples(state["python"]))
+    n = state["numpy"]
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(x: Any) -> Any:
+    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# ---------------------------------------------------------------------------------------------------- data stream
+
+
+class ReplayStream(Iterator):
+    """A restorable iterator over `factory()` (which must be deterministic, e.g. seeded from the config).
+
+    State is the number of items drawn; load_state_dict rebuilds the iterator and skips that many items, so
+    a resumed run sees exactly the batches the uninterrupted run would have seen (skipping is cheap for
+    index/batch streams)."""
+
+    def __init__(self, factory: Callable[[], Iterator[Any]]):
+        self.factory = factory
+        self.it = factory()
+        self.consumed = 0
+
+    def __next__(self) -> Any:
+        item = next(self.it)
+        self.consumed += 1
+        return item
+
+    def state_dict(self) -> dict[str, int]:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.it = self.factory()
+        for _ in range(int(state["consumed"])):
+            next(self.it)
+        self.consumed = int(state["consumed"])
+
+
+# ---------------------------------------------------------------------------------------------------- save / load
+
+
+def checkpoint_dir(out_dir: str | Path, step: int) -> Path:
+    return Path(out_dir) / f"checkpoint-{step}"
+
+
+def _fsync_path(path: Path) -> None:
+    with contextlib.suppress(OSError):  # some filesystems cannot fsync directories
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_checkpoint(
+    out_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    tokenizer: Any,
+    state: dict[str, Any],
+    config_yaml: str | None = None,
+    modules: dict[str, nn.Module] | None = None,
+) -> Path:
+    """Write OUTPUT_DIR/checkpoint-STEP atomically: temp dir, files, marker last, fsync, rename, fsync parent.
+    `modules` (extra networks, e.g. a value head) go to module-NAME.safetensors; `state` to trainer_state.pt."""
+    from safetensors.torch import save_file, save_model
+
+    final = checkpoint_dir(out_dir, step)
+    with atomic_dir(final) as tmp:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is an ordinary directory
+        write_pretrained(model, tokenizer, tmp)
+        if is_peft(getattr(model, "module", model)):
+            trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+            save_file(trainable, str(tmp / TRAINABLE_FILE))
+        for name, module in (modules or {}).items():
+            save_model(module, str(tmp / f"module-{name}.safetensors"))
+        torch.save({"format": FORMAT, "step": step, **state}, tmp / STATE_FILE)
+        if config_yaml is not None:
+            (tmp / "config.yaml").write_text(config_yaml)
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / MARKER).write_text(json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
+        _fsync_path(tmp)
+    _fsync_path(final.parent)
+    return final
+
+
+def is_complete(path: str | Path) -> bool:
+    """True when `path` has a valid completion marker and every file it lists, at the recorded size."""
+    path = Path(path)
+    try:
+        marker = json.loads((path / MARKER).read_text())
+        return marker["format"] == FORMAT and all(
+            (path / name).is_file() and (path / name).stat().st_size == size for name, size in marker["files"].items()
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def checkpoint_step(path: str | Path) -> int:
+    return int(json.loads((Path(path) / MARKER).read_text())["step"])
+
+
+def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in `out_dir`, oldest first; half-written or foreign directories are skipped."""
+    out = Path(out_dir)
+    found = []
+    if out.is_dir():
+        for p in out.iterdir():
+            m = _NAME.match(p.name)
+            if m and p.is_dir() and is_complete(p):
+                found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    found = list_checkpoints(out_dir)
+    return found[-1][1] if found else None
+
+
+def resolve_resume(resume: str | None, out_dir: str | Path) -> Path | None:
+    """`None` -> fresh run; `auto` -> the latest complete checkpoint in out_dir (fresh if none); else a path."""
+    if not resume:
+        return None
+    if resume == "auto":
+        return latest_checkpoint(out_dir)
+    path = Path(resume)
+    if not path.is_dir():
+        raise AlignRLError(f"resume: {resume} is not a directory (use auto or a checkpoint-N directory)")
+    if not is_complete(path):
+        raise AlignRLError(f"resume: {resume} is not a complete alignrl checkpoint (no valid {MARKER})")
+    return path
+
+
+def rotate(out_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints (keep=0: keep all) and leftover temp directories."""
+    out = Path(out_dir)
+    if keep > 0:
+        for _, p in list_checkpoints(out)[:-keep]:
+            shutil.rmtree(p, ignore_errors=True)
+    for p in out.glob(".checkpoint-*.tmp-*"):  # half-written by a killed process
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def discard_after(out_dir: str | Path, step: int) -> list[Path]:
+    """Delete checkpoint-N directories with N > step (complete or not): a run that starts fresh (step -1) or
+    resumes at `step` in out_dir replaces whatever an earlier run saved later, so resume=auto never picks it."""
+    out = Path(out_dir)
+    gone = []
+    if out.is_dir():
+        for p in sorted(out.iterdir()):
+            m = _NAME.match(p.name)
+            if m and p.is_dir() and int(m.group(1)) > step:
+                shutil.rmtree(p, ignore_errors=True)
+                gone.append(p)
+    return gone
+
+
+def load_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    device: torch.device | str = "cpu",
+    modules: dict[str, nn.Module] | None = None,
+) -> dict[str, Any]:
+    """Restore the model's (and `modules`') weights from `path`'s safetensors files and return the rest of the
+    state, read with torch.load(weights_only=True): no pickled code is ever executed."""
+    from safetensors.torch import load_file, load_model
+
+    path = Path(path)
+    if not is_complete(path):
+        raise AlignRLError(f"resume: {path} is not a complete checkpoint")
+    for name, module in (modules or {}).items():
+        file = path / f"module-{name}.safetensors"
+        if not file.is_file():
+            raise AlignRLError(f"resume: {path} has no weights for {name!r} (another trainer's checkpoint?)")
+        try:
+            load_model(module, str(file), strict=True, device=str(next(module.parameters()).device))
+        except (RuntimeError, StopIteration) as e:
+            raise AlignRLError(f"resume: {file} does not match {name!r}: {str(e).splitlines()[0]}") from None
+    if is_peft(getattr(model, "module", model)):
+        saved = load_file(str(path / TRAINABLE_FILE))
+        params = dict(model.named_parameters())
+        missing = sorted(n for n, p in params.items() if p.requires_grad and n not in saved)
+        if missing or any(n not in params for n in saved):
+            bad = missing[0] if missing else next(n for n in saved if n not in params)
+            raise AlignRLError(f"resume: {path} does not match this model's trainable parameters ({bad})")
+        with torch.no_grad():
+            for n, t in saved.items():
+                params[n].copy_(t)
+    else:
+        _load_hf_weights(path, unwrap(model))
+    try:
+        state = torch.load(path / STATE_FILE, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - corrupt or foreign file: one line
+        raise AlignRLError(f"resume: cannot read {path / STATE_FILE}: {type(e).__name__}: {e}") from None
+    return state
+
+
+def _load_hf_weights(path: Path, model: nn.Module) -> None:
+    """Copy every safetensors shard of an HF directory into `model` (tied duplicates may be absent)."""
+    from safetensors.torch import load_file
+
+    shards = sorted(p for p in path.glob("model*.safetensors"))
+    sd: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        sd.update(load_file(str(shard)))
+    result = model.load_state_dict(sd, strict=False)
+    loaded_ptrs = {p.data_ptr() for n, p in model.state_dict(keep_vars=True).items() if n in sd}
+    params = model.state_dict(keep_vars=True)
+    missing = [k for k in result.missing_keys if params[k].data_ptr() not in loaded_ptrs]
+    if missing or result.unexpected_keys:
+        bad = (missing or result.unexpected_keys)[0]
+        raise AlignRLError(f"resume: {path} does not match this model (parameter {bad})")
+
+
+# ---------------------------------------------------------------------------------------------------- signals
+
+
+class _StopFlag:
+    signum: int | None = None
+
+
+STOP = _StopFlag()
+
+
+def stop_requested() -> int | None:
+    """The signal number received inside stop_on_signals(), or None."""
+    return STOP.signum
+
+
+@contextlib.contextmanager
+def stop_on_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """Within the block, the first SIGINT/SIGTERM only sets a flag (the loop saves and stops at the end of the
+    step); a second one runs the previous handler (KeyboardInterrupt / terminate). No-op outside the main
+    thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in signums}
+
+    def handler(signum, frame):
+        if STOP.signum is None:
+            STOP.signum = signum
+            print(
+                f"alignrl: {signal.Signals(signum).name} received; saving a checkpoint at the end of this step "
+                "(send again to stop now)",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        prev = previous[signum]
+        signal.signal(signum, prev)
+        if callable(prev):
+            prev(signum, frame)
+        else:
+            signal.raise_signal(signum)
+
+    STOP.signum = None
+    for s in signums:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, prev in previous.items():
+            signal.signal(s, prev)
+        STOP.signum = None
