@@ -73,7 +73,20 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-@torch.no_grad()
+def _sample(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row and its log-prob under the temperature-scaled (unfiltered) distribution."""
+    if params.temperature <= 0:
+        tok = logits.argmax(-1)
+        return tok, logits.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)
+    logp = (logits / params.temperature).log_softmax(-1)
+    if params.top_k > 0 or params.top_p < 1.0:
+        probs = filter_logits(logp, params.top_k, params.top_p).softmax(-1)
+    else:
+        probs = logp.exp()  # no filter: sample straight from the softmax, no logits-processor chain
+    tok = torch.multinomial(probs, 1).squeeze(-1)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+
+
 def generate(
     model: nn.Module,
     prompt_ids: torch.Tensor,
@@ -82,53 +95,22 @@ def generate(
     eos_token_ids: Sequence[int],
     pad_token_id: int,
 ) -> Rollout:
-    """Sample completions for left-padded prompts; stops early once every sequence has emitted EOS."""
+    """Sample completions for left-padded prompts; stops early once every sequence has emitted EOS.
+
+    The loop runs under inference mode with preallocated token, log-prob and attention-mask buffers and no
+    logits-processor chain; the returned tensors are ordinary (autograd-usable) tensors. (A preallocated
+    static KV cache was measured slower on CPU: attention then spans the whole buffer; see BENCHMARKS.md.)
+    """
     was_training = model.training
     model.eval()
-    device = prompt_ids.device
-    batch = prompt_ids.shape[0]
-    eos = torch.tensor(list(eos_token_ids), device=device)
-    cache = DynamicCache()
-    attn = prompt_mask
-    positions = position_ids_from_mask(prompt_mask)
-    out = model(
-        input_ids=prompt_ids,
-        attention_mask=attn,
-        position_ids=positions,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    next_pos = positions[:, -1:] + 1
-    tokens, logps = [], []
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    for step in range(params.max_new_tokens):
-        logits = out.logits[:, -1].float()
-        if params.temperature > 0:
-            scaled = logits / params.temperature
-            probs = filter_logits(scaled, params.top_k, params.top_p).softmax(-1)
-            tok = torch.multinomial(probs, 1).squeeze(-1)
-        else:
-            scaled = logits
-            tok = logits.argmax(-1)
-        logp = scaled.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)
-        tok = tok.masked_fill(done, pad_token_id)
-        tokens.append(tok)
-        logps.append(logp.masked_fill(done, 0.0))
-        done = done | torch.isin(tok, eos)
-        if bool(done.all()) or step == params.max_new_tokens - 1:
-            break
-        attn = torch.cat([attn, torch.ones((batch, 1), dtype=attn.dtype, device=device)], dim=1)
-        out = model(
-            input_ids=tok[:, None],
-            attention_mask=attn,
-            position_ids=next_pos,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        next_pos = next_pos + 1
-    model.train(was_training)
-    completion_ids = torch.stack(tokens, dim=1)
+    try:
+        with torch.inference_mode():
+            ids, logps, n = _sample_loop(model, prompt_ids, prompt_mask, params, eos_token_ids, pad_token_id)
+    finally:
+        model.train(was_training)
+    completion_ids = ids[:, :n].clone()  # clone: leave inference mode so training may use these tensors
+    logps = logps[:, :n].clone()
+    eos = torch.tensor(list(eos_token_ids), device=completion_ids.device)
     is_eos = torch.isin(completion_ids, eos)
     # mask: tokens up to and including the first EOS
     after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
@@ -139,6 +121,49 @@ def generate(
         prompt_mask=prompt_mask,
         completion_ids=completion_ids,
         completion_mask=completion_mask,
-        logprobs=torch.stack(logps, dim=1) * completion_mask,
+        logprobs=logps * completion_mask,
         truncated=truncated,
     )
+
+
+def _sample_loop(model, prompt_ids, prompt_mask, params: SamplingParams, eos_token_ids, pad_token_id):
+    device = prompt_ids.device
+    batch, P = prompt_ids.shape
+    N = params.max_new_tokens
+    eos = torch.tensor(list(eos_token_ids), device=device)
+    cache = DynamicCache()
+    attn = torch.ones((batch, P + N), dtype=prompt_mask.dtype, device=device)
+    attn[:, :P] = prompt_mask
+    tokens = torch.full((batch, N), pad_token_id, dtype=torch.long, device=device)
+    logps = torch.zeros((batch, N), dtype=torch.float32, device=device)
+    positions = position_ids_from_mask(prompt_mask)
+    # Without left padding the causal mask is implied: passing none skips building a 4D mask every token.
+    padded = not bool(prompt_mask.bool().all())
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=attn[:, :P] if padded else None,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    next_pos = positions[:, -1:] + 1
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    n = 0
+    for step in range(N):
+        tok, logp = _sample(out.logits[:, -1].float(), params)
+        tokens[:, step] = tok.masked_fill(done, pad_token_id)
+        logps[:, step] = logp.masked_fill(done, 0.0)
+        n = step + 1
+        done = done | torch.isin(tokens[:, step], eos)
+        if step == N - 1 or bool(done.all()):
+            break
+        out = model(
+            input_ids=tokens[:, step : step + 1],
+            attention_mask=attn[:, : P + step + 1] if padded else None,  # a view: no per-token cat
+            position_ids=next_pos,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        next_pos = next_pos + 1
+    return tokens, logps, n

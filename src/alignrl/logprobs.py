@@ -99,10 +99,17 @@ def token_logprobs(
             continue
         if torch.is_grad_enabled() and n_chunks > 1:
             pieces.append(checkpoint(_chunk_logps, hc, tc, weight, bias, temperature, use_reentrant=False))
+            if with_entropy:
+                ent_pieces.append(_chunk_entropy(hc.detach(), weight, bias, temperature))
+        elif with_entropy:  # one lm-head projection serves both the log-probs and the entropy
+            lg = F.linear(hc, weight, bias).float() / temperature
+            lse = lg.logsumexp(-1)
+            pieces.append(lg.gather(-1, tc[:, None]).squeeze(-1) - lse)
+            with torch.no_grad():
+                lp = lg.detach() - lse.detach()[:, None]
+                ent_pieces.append(-(lp.exp() * lp).sum(-1))
         else:
             pieces.append(_chunk_logps(hc, tc, weight, bias, temperature))
-        if with_entropy:
-            ent_pieces.append(_chunk_entropy(hc.detach(), weight, bias, temperature))
     if pieces:
         out = out.masked_scatter(sel, torch.cat(pieces))
         if ent is not None:

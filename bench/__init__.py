@@ -1,0 +1,1 @@
+"""alignrl vs TRL benchmark harness: `python -m bench.compare` (see BENCHMARKS.md)."""

@@ -1,0 +1,215 @@
+"""alignrl vs TRL on identical workloads, one run: `python -m bench.compare [--sizes 4m,30m] [--reps 3] ...`.
+
+Builds the model directories and data, measures matmul FLOP/s per precision, checks first-step loss
+equivalence with TRL, then runs every workload in its own subprocess (clean peak RSS), alternating alignrl
+and TRL within each repetition, and writes medians and alignrl/TRL ratios to OUT/results.json and
+OUT/results.md after every workload (partial results survive an interrupted run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.setup import build_model, write_pairs, write_prompts
+
+
+def matmul_flops(precision: str, n: int = 2048, reps: int = 5) -> float:
+    """Best-of-reps FLOP/s of an n×n matmul (2n³ FLOPs) in fp32 or bf16: the MFU denominator."""
+    import torch
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def model_params(model_dir: Path) -> tuple[int, int, int]:
+    """(matmul parameters excluding the embedding lookup, hidden size, vocab size) from config.json."""
+    c = json.loads((model_dir / "config.json").read_text())
+    h, inter, n_layers, vocab = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    per_layer = 4 * h * h + 3 * h * inter  # q,k,v,o + gate,up,down (no GQA in these models)
+    return n_layers * per_layer, h, vocab
+
+
+def train_flops(model_dir: Path, n_seqs: int, seq_len: int, scored: int) -> float:
+    """FLOPs of one training forward+backward: 6·N_trunk·tokens + 6·h·V·scored (lm head on scored tokens only).
+
+    Attention score FLOPs (≈ 12·layers·h·seq per token) are left out: < 10% at these lengths, so MFU is a
+    slight underestimate. TRL's extra lm-head work on prompt positions is not credited to it either.
+    """
+    n_trunk, h, vocab = model_params(model_dir)
+    return 6 * n_trunk * n_seqs * seq_len + 6 * h * vocab * scored
+
+
+def run_worker(spec: dict, out: Path) -> dict:
+    spec_path, res_path = out / "spec.json", out / "result.json"
+    spec_path.write_text(json.dumps(spec))
+    res_path.unlink(missing_ok=True)
+    root = str(Path(__file__).resolve().parents[1])  # so `bench` imports from any working directory
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.worker", str(spec_path), str(res_path)], env=env, capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{spec['lib']} {spec['algo']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(res_path.read_text())
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench_out")
+    ap.add_argument("--sizes", default="4m,30m")
+    ap.add_argument("--lengths", default="64,128")
+    ap.add_argument("--precisions", default="fp32,bf16")
+    ap.add_argument("--algos", default="grpo,dpo")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=2, help="timed steps per run (after warm-up)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--prompts", type=int, default=4, help="GRPO prompts per step")
+    ap.add_argument("--G", type=int, default=8, help="GRPO completions per prompt")
+    ap.add_argument("--beta", type=float, default=0.04)
+    ap.add_argument("--dpo-len", type=int, default=256)
+    ap.add_argument("--dpo-batch", type=int, default=8, help="DPO pairs per optimizer step (both libraries)")
+    ap.add_argument("--dpo-accum", type=int, default=4, help="alignrl DPO micro-batches per step (bounds memory)")
+    ap.add_argument("--dpo-ref-batch", type=int, default=8, help="alignrl DPO pairs per reference-pass forward")
+    ap.add_argument("--libs", default="alignrl,trl")
+    ap.add_argument("--micro-batch", type=int, default=4, help="alignrl GRPO micro_batch_size (0: whole batch)")
+    ap.add_argument("--no-equivalence", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads in every workload (0: torch default)")
+    a = ap.parse_args(argv)
+    out = Path(a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    libs = [x for x in a.libs.split(",") if x != "trl" or importlib.util.find_spec("trl")]
+    import torch
+
+    results: dict = {
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+        "command": " ".join([sys.executable, "-m", "bench.compare", *(argv if argv is not None else sys.argv[1:])]),
+        "matmul_flops": {},
+        "equivalence": {},
+        "rows": [],
+    }
+
+    def save() -> None:
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        (out / "results.md").write_text(to_markdown(results))
+
+    precisions = a.precisions.split(",")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+        results["machine"]["torch_threads"] = a.threads
+    results["machine"]["loadavg_start"] = os.getloadavg()
+    for p in precisions:
+        results["matmul_flops"][p] = matmul_flops(p)
+        print(f"matmul 2048² {p}: {results['matmul_flops'][p] / 1e9:.0f} GFLOP/s", flush=True)
+    prompts = write_prompts(out)
+    if "trl" in libs and not a.no_equivalence:
+        from bench.equivalence import grpo_losses
+
+        ours, theirs = grpo_losses(str(build_model(out, "tiny")), str(prompts), beta=a.beta)
+        results["equivalence"]["grpo"] = {"alignrl": ours, "trl": theirs, "abs_diff": abs(ours - theirs)}
+        print(f"GRPO first-step loss: alignrl {ours:.8f}  TRL {theirs:.8f}  |diff| {abs(ours - theirs):.2e}")
+        assert abs(ours - theirs) <= 1e-4, "GRPO loss differs from TRL's"
+        save()
+    has_dpo = importlib.util.find_spec("alignrl.trainers.dpo") is not None
+    if "trl" in libs and not a.no_equivalence and has_dpo and "dpo" in a.algos:
+        from bench.equivalence import dpo_losses
+
+        ours, theirs = dpo_losses(str(build_model(out, "tiny", never_eos=False)), str(write_pairs(out, 32)))
+        results["equivalence"]["dpo"] = {"alignrl": ours, "trl": theirs, "abs_diff": abs(ours - theirs)}
+        print(f"DPO first-step loss: alignrl {ours:.8f}  TRL {theirs:.8f}  |diff| {abs(ours - theirs):.2e}")
+        assert abs(ours - theirs) <= 1e-4, "DPO loss differs from TRL's"
+        save()
+    for size in a.sizes.split(","):
+        model = build_model(out, size)
+        work = []
+        if "grpo" in a.algos:
+            work += [("grpo", L, p) for L in map(int, a.lengths.split(",")) for p in precisions]
+        if "dpo" in a.algos and has_dpo:
+            work += [("dpo", a.dpo_len, p) for p in precisions]
+        for algo, L, prec in work:
+            model = build_model(out, size, never_eos=algo == "grpo")
+            row = {"size": size, "params": sum(model_params(model)[:1]), "algo": algo, "length": L, "precision": prec}
+            runs: dict[str, list[dict]] = {lib: [] for lib in libs}
+            for rep in range(a.reps):
+                for lib in libs if rep % 2 == 0 else libs[::-1]:  # alternate which library goes first
+                    spec = {
+                        "lib": lib, "algo": algo, "model": str(model), "precision": prec,
+                        "steps": a.steps, "warmup": a.warmup, "threads": a.threads,
+                        "beta": a.beta if algo == "grpo" else 0.1,
+                        "out_dir": str(out / "runs" / f"{lib}_{algo}_{size}_{L}_{prec}_{rep}"),
+                    }  # fmt: skip
+                    if algo == "grpo":
+                        spec.update(data=str(prompts), prompts=a.prompts, G=a.G, length=L, micro_batch=a.micro_batch)
+                    else:
+                        spec.update(data=str(write_pairs(out, L)), batch=a.dpo_batch, max_length=L + 8,
+                                    accum=a.dpo_accum if lib == "alignrl" else 1, ref_batch=a.dpo_ref_batch)
+                    r = run_worker(spec, out)
+                    runs[lib].append(r)
+                    print(f"{size} {algo} L={L} {prec} {lib} rep{rep}: step {med(r['step']):.2f}s "
+                          f"peak {r['peak_rss'] / 2**20:.0f} MiB", flush=True)  # fmt: skip
+            for lib, rs in runs.items():
+                steps = [s for r in rs for s in r["step"]]
+                d = {"step_s": med(steps), "peak_rss_mib": med([r["peak_rss"] / 2**20 for r in rs]),
+                     "rss_before_mib": med([r["rss_before"] / 2**20 for r in rs])}  # fmt: skip
+                if algo == "grpo":
+                    d["gen_s"] = med([g for r in rs for g in r["generation"]])
+                    d["gen_share"] = d["gen_s"] / d["step_s"]
+                    d["update_s"] = med([u for r in rs for u in r["update"]])
+                    n = a.prompts * a.G
+                    flops = train_flops(model, n, 12 + L, n * L)
+                    d["train_mfu"] = flops / d["update_s"] / results["matmul_flops"][prec]
+                else:
+                    d["train_total_s"] = med([r["total"] for r in rs])
+                row[lib] = d
+            if "alignrl" in row and "trl" in row:
+                row["ratio_step"] = row["alignrl"]["step_s"] / row["trl"]["step_s"]
+                row["ratio_peak_rss"] = row["alignrl"]["peak_rss_mib"] / row["trl"]["peak_rss_mib"]
+            row["loadavg"] = os.getloadavg()[0]
+            results["rows"].append(row)
+            save()
+    print(to_markdown(results))
+    return results
+
+
+def to_markdown(res: dict) -> str:
+    lines = [
+        "| size | algo | len | prec | alignrl step s | TRL step s | ratio | alignrl gen share | TRL gen share "
+        "| alignrl peak MiB | TRL peak MiB | ratio | alignrl train MFU | TRL train MFU |",
+        "|" + "---|" * 14,
+    ]
+    for r in res["rows"]:
+        a, t = r.get("alignrl", {}), r.get("trl", {})
+
+        def f(d, k, fmt="{:.2f}"):
+            return fmt.format(d[k]) if k in d else "–"
+
+        lines.append(
+            f"| {r['size']} | {r['algo']} | {r['length']} | {r['precision']} | {f(a, 'step_s')} | {f(t, 'step_s')} "
+            f"| {f(r, 'ratio_step')} | {f(a, 'gen_share', '{:.0%}')} | {f(t, 'gen_share', '{:.0%}')} "
+            f"| {f(a, 'peak_rss_mib', '{:.0f}')} | {f(t, 'peak_rss_mib', '{:.0f}')} | {f(r, 'ratio_peak_rss')} "
+            f"| {f(a, 'train_mfu', '{:.0%}')} | {f(t, 'train_mfu', '{:.0%}')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

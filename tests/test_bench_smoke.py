@@ -1,0 +1,26 @@
+"""One tiny step through the benchmark harness (bench.compare); the TRL half runs only if trl is installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ lives at the repo root, outside src/
+HAS_TRL = importlib.util.find_spec("trl") is not None
+
+
+def test_bench_harness_one_tiny_step(tmp_path):
+    from bench.compare import main
+
+    libs = "alignrl,trl" if HAS_TRL else "alignrl"
+    res = main(
+        ["--out", str(tmp_path), "--sizes", "tiny", "--lengths", "4", "--precisions", "fp32", "--algos", "grpo",
+         "--reps", "1", "--steps", "1", "--warmup", "0", "--prompts", "1", "--G", "2", "--libs", libs]
+    )  # fmt: skip
+    (row,) = res["rows"]
+    assert row["alignrl"]["step_s"] > 0 and row["alignrl"]["peak_rss_mib"] > 0
+    assert (tmp_path / "results.md").read_text().count("| tiny | grpo |") == 1
+    if HAS_TRL:
+        assert row["trl"]["step_s"] > 0 and "ratio_step" in row
+        assert res["equivalence"]["grpo"]["abs_diff"] <= 1e-4
