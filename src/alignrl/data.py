@@ -206,3 +206,137 @@ def split_eval(data: Rows, fraction: float, seed: int) -> tuple[Rows, Rows | Non
     random.Random(seed).shuffle(idx)
     k = max(1, int(len(idx) * fraction))
     return data.subset(sorted(idx[k:])), data.subset(sorted(idx[:k]))
+
+
+# ----------------------------------------------------------------------------- preference pairs (DPO, reward models)
+
+BAD_ROW_REASONS = ("missing column", "identical chosen and rejected", "empty completion", "longer than max_length")
+
+
+class BadRowError(AlignRLError):
+    """A preference row that cannot be used; `reason` is one of BAD_ROW_REASONS (or "invalid value")."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class PreferenceExample:
+    """A tokenized preference pair: prompt tokens, chosen and rejected completion tokens (EOS included)."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    margin: float | None = None  # optional Bradley–Terry margin (the `margin` column)
+    ref_chosen_logp: float | None = None  # reference log-probs, cached once before DPO training
+    ref_rejected_logp: float | None = None
+
+    @property
+    def length(self) -> int:
+        """Tokens of the longer of the two sequences (prompt + completion)."""
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+
+def encode_completion(
+    prompt: Any,
+    completion: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    where: str,
+    column: str = "completion",
+    add_eos: bool = True,
+) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) as the policy sees them when it samples: a text completion follows the
+    rendered prompt and ends with EOS; a message-list completion is the chat template's continuation of the
+    prompt messages (its own end-of-turn tokens included)."""
+    if isinstance(completion, str):
+        p = encode(tokenizer, render_prompt(prompt, tokenizer, where))
+        c = encode(tokenizer, completion)
+        eos = tokenizer.eos_token_id
+        return p, c + ([eos] if add_eos and eos is not None else [])
+    _check_messages(completion, where, column)
+    if isinstance(prompt, str):
+        raise AlignRLError(f"{where}: column {column!r} is a message list, so 'prompt' must be a message list too")
+    _check_messages(prompt, where, "prompt")
+    if not getattr(tokenizer, "chat_template", None):
+        raise AlignRLError(f"{where}: chat-style rows but the tokenizer has no chat template")
+    before = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=False)
+    if not full.startswith(before):
+        raise AlignRLError(f"{where}: chat template is not prefix-consistent; cannot split prompt and {column}")
+    return encode(tokenizer, before), encode(tokenizer, full[len(before) :])
+
+
+def _is_empty(completion: Any) -> bool:
+    if isinstance(completion, str):
+        return not completion.strip()
+    if isinstance(completion, list):
+        return all(not str(m.get("content") or "").strip() for m in completion if isinstance(m, dict))
+    return False
+
+
+def tokenize_preference(
+    row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, where: str, max_length: int, add_eos: bool = True
+) -> PreferenceExample:
+    """Validate and tokenize one {"prompt", "chosen", "rejected"[, "margin"]} row; raises BadRowError."""
+    for c in ("prompt", "chosen", "rejected"):
+        if row.get(c) is None:
+            raise BadRowError(f"{where}: missing column {c!r} (preference rows need prompt, chosen, rejected)",
+                              "missing column")  # fmt: skip
+    for c in ("chosen", "rejected"):
+        if not isinstance(row[c], (str, list)):
+            raise BadRowError(f"{where}: column {c!r} must be a string or a list of messages", "invalid value")
+        if _is_empty(row[c]):
+            raise BadRowError(f"{where}: column {c!r} is an empty completion", "empty completion")
+    if row["chosen"] == row["rejected"]:
+        raise BadRowError(f"{where}: chosen and rejected are identical", "identical chosen and rejected")
+    margin = row.get("margin")
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
+        raise BadRowError(f"{where}: column 'margin' must be a number, got {margin!r}", "invalid value")
+    try:
+        p, c = encode_completion(row["prompt"], row["chosen"], tokenizer, where, "chosen", add_eos)
+        _, r = encode_completion(row["prompt"], row["rejected"], tokenizer, where, "rejected", add_eos)
+    except BadRowError:
+        raise
+    except AlignRLError as e:
+        raise BadRowError(str(e), "invalid value") from None
+    ex = PreferenceExample(p, c, r, None if margin is None else float(margin))
+    if ex.length > max_length:
+        raise BadRowError(
+            f"{where}: {ex.length} tokens (prompt + longer completion), longer than max_length={max_length}",
+            "longer than max_length",
+        )
+    return ex
+
+
+def load_preference_examples(
+    data: Rows,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    on_bad_row: str = "error",
+    add_eos: bool = True,
+) -> tuple[list[PreferenceExample], dict[str, int]]:
+    """Tokenize every preference row. A bad row raises a one-line error (on_bad_row="error") or is skipped,
+    counted by reason and reported in one warning line (on_bad_row="skip"). Returns (examples, skip counts)."""
+    import logging
+
+    examples: list[PreferenceExample] = []
+    skipped: dict[str, int] = {}
+    first = ""
+    for i, row in enumerate(data.rows):
+        try:
+            examples.append(tokenize_preference(row, tokenizer, data.where(i), max_length, add_eos))
+        except BadRowError as e:
+            if on_bad_row != "skip":
+                raise AlignRLError(f"{e} (set on_bad_row=skip to skip such rows)") from None
+            skipped[e.reason] = skipped.get(e.reason, 0) + 1
+            first = first or str(e)
+    if skipped:
+        counts = ", ".join(f"{k}: {v}" for k, v in skipped.items())
+        logging.getLogger("alignrl").warning(
+            "alignrl: skipped %d of %d rows of %s (%s); first: %s",
+            sum(skipped.values()), len(data), data.path, counts, first,
+        )  # fmt: skip
+    if not examples:
+        raise AlignRLError(f"{data.path}: no usable preference rows ({sum(skipped.values())} skipped)")
+    return examples, skipped

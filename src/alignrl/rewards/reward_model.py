@@ -1,0 +1,118 @@
+"""Reward models: a scalar `score` head read at the last non-pad token (AutoModelForSequenceClassification with
+num_labels=1), the one scoring path shared by reward-model training and by RL, which uses a saved reward-model
+directory as a reward function (`reward_funcs: [path/to/rm]`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+
+from alignrl.data import encode_completion
+from alignrl.errors import AlignRLError
+from alignrl.logprobs import position_ids_from_mask
+from alignrl.models import DTYPES, load_tokenizer, resolve_device, unwrap
+
+
+def load_reward_model(
+    path: str, pad_token_id: int | None, dtype: str = "float32", device: torch.device | str = "cpu"
+) -> PreTrainedModel:
+    """A local model as a 1-label sequence classifier. From a causal LM directory the trunk is loaded and the
+    `score` head is freshly initialised; from a saved reward model everything is loaded."""
+    if not (Path(path) / "config.json").is_file():
+        raise AlignRLError(f"model: {path} is not a Hugging Face model directory (no config.json)")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=DTYPES[dtype], local_files_only=True
+        )
+    except ValueError as e:  # an architecture without a sequence-classification class
+        raise AlignRLError(f"model: {path} cannot be loaded as a reward model ({e})") from None
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id  # what plain transformers uses to find the last token
+    return model.to(device)
+
+
+def rm_add_eos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Append EOS to scored sequences unless EOS is the pad token (transformers' pooling would skip it then)."""
+    return tokenizer.eos_token_id is not None and tokenizer.eos_token_id != tokenizer.pad_token_id
+
+
+def reward_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """r[b] = score(h[b, last]) with `last` the rightmost attended position; positions count real tokens only,
+    so left- and right-padded batches give the same scores (and match transformers on right padding)."""
+    lm = unwrap(model)
+    head = getattr(lm, "score", None)
+    positions = position_ids_from_mask(attention_mask)
+    if not isinstance(head, nn.Linear):  # other heads: the model's own pooling (by pad_token_id)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
+        return out.logits[:, 0].float()
+    trunk = getattr(lm, lm.base_model_prefix)
+    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).last_hidden_state
+    idx = torch.arange(input_ids.shape[1], device=input_ids.device)
+    last = (idx * attention_mask.long()).argmax(-1)
+    pooled = hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last]
+    return head(pooled)[:, 0].float()
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str, left: bool = False):
+    """Stack token lists into [B, L] ids and attention mask, padding on the right (or left)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, sl] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, sl] = 1
+    return ids.to(device), mask.to(device)
+
+
+class RewardModelScorer:
+    """A saved reward model as a reward function with TRL's signature: scores prompt + completion in batches
+    (sorted by length) under torch.inference_mode, tokenized exactly as in reward-model training."""
+
+    def __init__(
+        self,
+        path: str,
+        device: str = "auto",
+        dtype: str = "float32",
+        batch_size: int = 64,
+        max_length: int | None = None,
+    ):
+        self.path = path
+        self.device = resolve_device(device)
+        self.tokenizer = load_tokenizer(path)
+        self.model = load_reward_model(path, self.tokenizer.pad_token_id, dtype, self.device).eval()
+        self.model.requires_grad_(False)
+        self.batch_size = batch_size
+        self.max_length = max_length or getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
+        self.add_eos = rm_add_eos(self.tokenizer)
+        self.__name__ = self.name_for(path)
+
+    @staticmethod
+    def name_for(path: str) -> str:
+        """Metric name: the directory name, or its parent's for a trainer's `final` directory."""
+        p = Path(path).resolve()
+        return p.parent.name if p.name == "final" else p.name
+
+    def encode(self, prompt: Any, completion: Any, where: str = "reward model input") -> list[int]:
+        p, c = encode_completion(prompt, completion, self.tokenizer, where, "completion", self.add_eos)
+        return (p + c)[-self.max_length :]  # keep the end: the score is read at the last token
+
+    @torch.inference_mode()
+    def score_ids(self, seqs: Sequence[Sequence[int]]) -> list[float]:
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        out = [0.0] * len(seqs)
+        for s in range(0, len(order), self.batch_size):
+            chunk = order[s : s + self.batch_size]
+            ids, mask = pad_batch([seqs[i] for i in chunk], self.tokenizer.pad_token_id, self.device)
+            for i, v in zip(chunk, reward_scores(self.model, ids, mask).tolist()):
+                out[i] = v
+        return out
+
+    def __call__(self, prompts: list[Any], completions: list[Any], completion_ids: list[list[int]], **kwargs):
+        return self.score_ids([self.encode(p, c) for p, c in zip(prompts, completions)])

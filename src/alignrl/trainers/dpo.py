@@ -1,0 +1,212 @@
+"""DPO and its family (cDPO, robust DPO, IPO, hinge/SLiC, SimPO, ORPO) on {"prompt", "chosen", "rejected"} rows.
+
+Chosen and rejected sequences go through the model in one concatenated forward. Reference log-probs are
+computed once, before training, in a no-grad pass and cached on the examples: no reference model is kept
+in memory during training (and none is needed at all for the reference-free simpo and orpo).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from alignrl.algos.preference import REFERENCE_FREE_LOSSES, preference_loss
+from alignrl.config import TrainConfig
+from alignrl.data import PreferenceExample, length_grouped_batches, load_preference_examples, load_rows, split_eval
+from alignrl.errors import AlignRLError
+from alignrl.logprobs import token_logprobs
+from alignrl.models import load_causal_lm
+from alignrl.trainers import loop
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """DPO-family options on top of the shared ones (names and defaults follow TRL's DPOConfig)."""
+
+    learning_rate: float = 1e-6
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = "sigmoid"
+    beta: float = 0.1  # inverse temperature of the implicit reward (IPO: 1/(2β) is the target margin)
+    label_smoothing: float = 0.0  # cDPO / robust DPO / SimPO: assumed fraction of flipped labels, in [0, 0.5)
+    simpo_gamma: float = 0.5  # SimPO target reward margin γ
+    orpo_lambda: float | None = None  # ORPO weight of the odds-ratio term; None uses beta (as TRL does)
+    ref_model: str | None = None  # reference model directory; None: the starting policy itself
+    batch_size: int = 8  # preference pairs per micro-batch (2x sequences per forward)
+    eval_batch_size: int = 32  # pairs per forward in evaluation and in the reference pass
+    max_length: int = 512  # tokens of prompt + longer completion; longer rows are bad rows
+    on_bad_row: Literal["error", "skip"] = "error"  # bad rows: one-line error, or skip them (counted, logged)
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.eval_batch_size < 1 or self.max_length < 2:
+            raise AlignRLError("batch_size and eval_batch_size must be ≥ 1 and max_length ≥ 2")
+        if self.ref_model and self.loss_type in REFERENCE_FREE_LOSSES:
+            raise AlignRLError(f"ref_model: loss_type {self.loss_type!r} is reference-free; remove ref_model")
+        one = torch.zeros(1)  # the loss checks beta, label_smoothing and their combination with loss_type
+        preference_loss(
+            self.loss_type, policy_chosen_logps=one, policy_rejected_logps=one, chosen_lengths=one + 1,
+            rejected_lengths=one + 1, ref_chosen_logps=one, ref_rejected_logps=one, beta=self.beta,
+            label_smoothing=self.label_smoothing, simpo_gamma=self.simpo_gamma, orpo_lambda=self.orpo_lambda,
+        )  # fmt: skip
+
+
+def collate_pairs(batch: Sequence[PreferenceExample], pad_id: int, device, padding_side: str = "right"):
+    """The chosen sequences then the rejected ones as one [2B, L] batch: ids, attention mask, completion mask."""
+    seqs = [(e.prompt_ids, e.chosen_ids) for e in batch] + [(e.prompt_ids, e.rejected_ids) for e in batch]
+    width = max(len(p) + len(c) for p, c in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    cmask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (p, c) in enumerate(seqs):
+        n = len(p) + len(c)
+        s = width - n if padding_side == "left" else 0
+        ids[i, s : s + n] = torch.tensor(p + c)
+        attn[i, s : s + n] = 1
+        cmask[i, s + len(p) : s + n] = 1
+    return ids.to(device), attn.to(device), cmask.to(device)
+
+
+def pair_logps(
+    model: nn.Module,
+    batch: Sequence[PreferenceExample],
+    pad_id: int,
+    device,
+    chunk_tokens: int = 4096,
+    padding_side: str = "right",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs (chosen [B], rejected [B]) from one concatenated forward."""
+    ids, attn, cmask = collate_pairs(batch, pad_id, device, padding_side)
+    logp, _ = token_logprobs(model, ids, attn, cmask[:, 1:], start=1, chunk_tokens=chunk_tokens)
+    seq = logp.sum(-1)
+    return seq[: len(batch)], seq[len(batch) :]
+
+
+def _in_batches(examples: list[PreferenceExample], size: int) -> Iterator[list[PreferenceExample]]:
+    order = sorted(range(len(examples)), key=lambda i: examples[i].length)
+    for s in range(0, len(order), size):
+        yield [examples[i] for i in order[s : s + size]]
+
+
+@torch.no_grad()
+def cache_reference_logps(model: nn.Module, examples: list[PreferenceExample], pad_id: int, device, cfg) -> None:
+    """One no-grad pass of the reference over the data; results are stored on the examples."""
+    was = model.training
+    model.eval()
+    for b in _in_batches(examples, cfg.eval_batch_size):
+        with loop.autocast(cfg, device):
+            rc, rr = pair_logps(model, b, pad_id, device, cfg.logprob_chunk_tokens)
+        for e, c, r in zip(b, rc.tolist(), rr.tolist()):
+            e.ref_chosen_logp, e.ref_rejected_logp = c, r
+    model.train(was)
+
+
+def pair_losses(cfg: DPOConfig, batch: Sequence[PreferenceExample], pc: torch.Tensor, pr: torch.Tensor):
+    """Per-pair loss and implicit rewards for a batch whose policy log-probs are (pc, pr)."""
+    dev = pc.device
+    ref = cfg.loss_type not in REFERENCE_FREE_LOSSES
+    return preference_loss(
+        cfg.loss_type,
+        policy_chosen_logps=pc,
+        policy_rejected_logps=pr,
+        chosen_lengths=torch.tensor([len(e.chosen_ids) for e in batch], device=dev),
+        rejected_lengths=torch.tensor([len(e.rejected_ids) for e in batch], device=dev),
+        ref_chosen_logps=torch.tensor([e.ref_chosen_logp for e in batch], device=dev) if ref else None,
+        ref_rejected_logps=torch.tensor([e.ref_rejected_logp for e in batch], device=dev) if ref else None,
+        beta=cfg.beta,
+        label_smoothing=cfg.label_smoothing,
+        simpo_gamma=cfg.simpo_gamma,
+        orpo_lambda=cfg.orpo_lambda,
+    )
+
+
+def _add_stats(acc: dict[str, float], losses, cr, rr, pc, pr) -> None:
+    """Sums over pairs of TRL's logged quantities (divided by the pair count when logged)."""
+    for k, v in {
+        "loss": losses.detach(),
+        "rewards/chosen": cr,
+        "rewards/rejected": rr,
+        "rewards/accuracies": (cr > rr).float(),
+        "rewards/margins": cr - rr,
+        "logps/chosen": pc.detach(),
+        "logps/rejected": pr.detach(),
+    }.items():
+        acc[k] = acc.get(k, 0.0) + float(v.sum())
+
+
+@torch.no_grad()
+def evaluate_pairs(model: nn.Module, examples: list[PreferenceExample], pad_id: int, device, cfg) -> dict[str, float]:
+    """Mean loss, implicit rewards, preference accuracy and log-probs over evaluation pairs (eval_ prefix)."""
+    was = model.training
+    model.eval()
+    acc: dict[str, float] = {}
+    for b in _in_batches(examples, cfg.eval_batch_size):
+        with loop.autocast(cfg, device):
+            pc, pr = pair_logps(model, b, pad_id, device, cfg.logprob_chunk_tokens)
+        _add_stats(acc, *pair_losses(cfg, b, pc, pr), pc, pr)
+    model.train(was)
+    return {f"eval_{k}": v / len(examples) for k, v in acc.items()}
+
+
+def pair_batches(examples: list[PreferenceExample], batch_size: int, rng: random.Random) -> Iterator[list]:
+    """Endless epochs of length-grouped batches of pairs."""
+    lengths = [e.length for e in examples]
+    while True:
+        for b in length_grouped_batches(lengths, batch_size, rng):
+            yield [examples[i] for i in b]
+
+
+def load_pairs(cfg, tok, add_eos: bool = True):
+    """Train and eval preference examples (eval from eval_file or a held-out fraction) and skip counts."""
+    rows = load_rows(cfg.train_file)
+    train_rows, eval_rows = split_eval(rows, cfg.eval_fraction, cfg.seed)
+    train_ex, skipped = load_preference_examples(train_rows, tok, cfg.max_length, cfg.on_bad_row, add_eos)
+    eval_ex: list[PreferenceExample] = []
+    if cfg.eval_file:
+        eval_rows = load_rows(cfg.eval_file)
+    if eval_rows:
+        eval_ex, eval_skipped = load_preference_examples(eval_rows, tok, cfg.max_length, cfg.on_bad_row, add_eos)
+        skipped = {k: skipped.get(k, 0) + eval_skipped.get(k, 0) for k in skipped.keys() | eval_skipped.keys()}
+    return train_ex, eval_ex, skipped
+
+
+def train(cfg: DPOConfig) -> Path:
+    """Run DPO (or a family member); returns the final model directory."""
+    run = loop.start_run(cfg)
+    model, tok = loop.load_policy(cfg, run.device, rl=True)  # dropout off, as TRL's disable_dropout
+    train_ex, eval_ex, skipped = load_pairs(cfg, tok)
+    pad = tok.pad_token_id
+    if cfg.loss_type not in REFERENCE_FREE_LOSSES:
+        # the reference is the starting policy (LoRA: its base) unless ref_model names another model
+        ref = load_causal_lm(cfg.ref_model, cfg.dtype, run.device) if cfg.ref_model else model
+        cache_reference_logps(ref, train_ex + eval_ex, pad, run.device, cfg)
+        del ref
+    opt = loop.build_optimizer(model, cfg)
+    sched = loop.build_scheduler(opt, cfg, cfg.max_steps)
+    stream = pair_batches(train_ex, cfg.batch_size, random.Random(cfg.seed))
+    if eval_ex:
+        run.metrics.log(0, evaluate_pairs(model, eval_ex, pad, run.device, cfg))
+    for step in range(1, cfg.max_steps + 1):
+        timer = loop.Timer()
+        micro = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
+        n_total = sum(len(b) for b in micro)  # the loss is the mean over all pairs of the accumulated batch
+        acc: dict[str, float] = {}
+        with timer("update"):
+            for b in micro:
+                with loop.autocast(cfg, run.device):
+                    pc, pr = pair_logps(model, b, pad, run.device, cfg.logprob_chunk_tokens)
+                losses, cr, rr = pair_losses(cfg, b, pc, pr)
+                (losses.sum() / n_total).backward()
+                _add_stats(acc, losses, cr, rr, pc, pr)
+            upd = loop.optimizer_step(model, opt, sched, cfg)
+        metrics = {k: v / n_total for k, v in acc.items()} | upd | {"step_time": timer.t["update"]}
+        if step == 1:
+            metrics["skipped_rows"] = sum(skipped.values())
+        if eval_ex and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps):
+            metrics.update(evaluate_pairs(model, eval_ex, pad, run.device, cfg))
+        if step % cfg.logging_steps == 0 or "eval_loss" in metrics:
+            run.metrics.log(step, metrics)
+    return loop.finish(run, model, tok)

@@ -1,0 +1,145 @@
+"""Reward-model training: Bradley–Terry on {"prompt", "chosen", "rejected"[, "margin"]} pairs.
+
+The model is AutoModelForSequenceClassification with num_labels=1 (created from a causal LM directory: its
+trunk plus a new `score` head), read at the last non-pad token, so the saved directory loads with plain
+transformers and can be used directly as a reward function (`reward_funcs: [runs/rm/final]`).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from alignrl.algos.preference import bradley_terry_loss
+from alignrl.config import TrainConfig
+from alignrl.data import PreferenceExample
+from alignrl.errors import AlignRLError
+from alignrl.models import disable_dropout, load_tokenizer
+from alignrl.rewards.reward_model import load_reward_model, pad_batch, reward_scores, rm_add_eos
+from alignrl.trainers import loop
+from alignrl.trainers.dpo import load_pairs, pair_batches
+
+
+@dataclass
+class RMConfig(TrainConfig):
+    """Reward-model options on top of the shared ones (names follow TRL's RewardConfig)."""
+
+    learning_rate: float = 1e-5
+    batch_size: int = 8  # preference pairs per micro-batch (2x sequences per forward)
+    eval_batch_size: int = 32
+    max_length: int = 512  # tokens of prompt + longer completion; longer rows are bad rows
+    on_bad_row: Literal["error", "skip"] = "error"  # bad rows: one-line error, or skip them (counted, logged)
+    center_rewards_coefficient: float = 0.0  # coef · mean((r_c + r_r)²) keeps rewards centred; ≈ 0.01
+    use_margin: bool = True  # subtract the `margin` column (when rows have one; missing = 0) inside the loss
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.eval_batch_size < 1 or self.max_length < 2:
+            raise AlignRLError("batch_size and eval_batch_size must be ≥ 1 and max_length ≥ 2")
+        if self.center_rewards_coefficient < 0:
+            raise AlignRLError("center_rewards_coefficient: must be ≥ 0")
+
+
+def pair_rewards(model: nn.Module, batch: Sequence[PreferenceExample], pad_id: int, device, left: bool = False):
+    """Scores (chosen [B], rejected [B]) from one concatenated forward."""
+    seqs = [e.prompt_ids + e.chosen_ids for e in batch] + [e.prompt_ids + e.rejected_ids for e in batch]
+    ids, mask = pad_batch(seqs, pad_id, device, left=left)
+    r = reward_scores(model, ids, mask)
+    return r[: len(batch)], r[len(batch) :]
+
+
+def bt_loss(cfg: RMConfig, batch: Sequence[PreferenceExample], rc: torch.Tensor, rr: torch.Tensor) -> torch.Tensor:
+    margin = None
+    if cfg.use_margin and any(e.margin is not None for e in batch):
+        margin = torch.tensor([e.margin or 0.0 for e in batch], device=rc.device)
+    return bradley_terry_loss(rc, rr, margin, cfg.center_rewards_coefficient)
+
+
+def _add_stats(acc: dict[str, float], loss: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor) -> None:
+    """Sums over pairs (divided by the pair count when logged)."""
+    rc, rr = rc.detach(), rr.detach()
+    for k, v in {
+        "loss": loss.detach() * len(rc),
+        "accuracy": (rc > rr).float().sum(),
+        "margin": (rc - rr).sum(),
+        "mean_reward": (rc + rr).sum() / 2,
+        "rewards/chosen": rc.sum(),
+        "rewards/rejected": rr.sum(),
+    }.items():
+        acc[k] = acc.get(k, 0.0) + float(v)
+
+
+@torch.no_grad()
+def evaluate_pairs(model: nn.Module, examples: list[PreferenceExample], pad_id: int, device, cfg) -> dict[str, float]:
+    """Loss, pair accuracy (r_chosen > r_rejected), margin and mean reward over evaluation pairs (eval_ prefix)."""
+    was = model.training
+    model.eval()
+    acc: dict[str, float] = {}
+    order = sorted(range(len(examples)), key=lambda i: examples[i].length)
+    for s in range(0, len(order), cfg.eval_batch_size):
+        b = [examples[i] for i in order[s : s + cfg.eval_batch_size]]
+        with loop.autocast(cfg, device):
+            rc, rr = pair_rewards(model, b, pad_id, device)
+        _add_stats(acc, bt_loss(cfg, b, rc, rr), rc, rr)
+    model.train(was)
+    return {f"eval_{k}": v / len(examples) for k, v in acc.items()}
+
+
+def load_model(cfg: RMConfig, device: torch.device):
+    """The reward model (trunk + score head, dropout off) and its tokenizer; LoRA trains the head fully."""
+    tok = load_tokenizer(cfg.tokenizer or cfg.model)
+    model = load_reward_model(cfg.model, tok.pad_token_id, cfg.dtype, device)
+    disable_dropout(model)
+    if cfg.lora_r > 0:  # a plain PeftModel (the causal-LM task type expects generation methods)
+        from peft import LoraConfig, get_peft_model
+
+        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        missing = [t for t in cfg.lora_target_modules if t not in names]
+        if missing:
+            raise AlignRLError(f"lora_target_modules: {missing[0]!r} is not a module name of this model")
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=cfg.lora_target_modules)  # fmt: skip
+        model = get_peft_model(model, lora)
+        for p in model.get_base_model().score.parameters():
+            p.requires_grad_(True)
+    model.train()
+    return model, tok
+
+
+def train(cfg: RMConfig) -> Path:
+    """Train a reward model; returns the final model directory (loadable with AutoModelForSequenceClassification)."""
+    run = loop.start_run(cfg)
+    model, tok = load_model(cfg, run.device)
+    train_ex, eval_ex, skipped = load_pairs(cfg, tok, add_eos=rm_add_eos(tok))
+    pad = tok.pad_token_id
+    opt = loop.build_optimizer(model, cfg)
+    sched = loop.build_scheduler(opt, cfg, cfg.max_steps)
+    stream = pair_batches(train_ex, cfg.batch_size, random.Random(cfg.seed))
+    if eval_ex:
+        run.metrics.log(0, evaluate_pairs(model, eval_ex, pad, run.device, cfg))
+    for step in range(1, cfg.max_steps + 1):
+        timer = loop.Timer()
+        micro = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
+        n_total = sum(len(b) for b in micro)
+        acc: dict[str, float] = {}
+        with timer("update"):
+            for b in micro:
+                with loop.autocast(cfg, run.device):
+                    rc, rr = pair_rewards(model, b, pad, run.device)
+                loss = bt_loss(cfg, b, rc, rr)
+                (loss * len(b) / n_total).backward()  # the mean over all pairs of the accumulated batch
+                _add_stats(acc, loss, rc, rr)
+            upd = loop.optimizer_step(model, opt, sched, cfg)
+        metrics = {k: v / n_total for k, v in acc.items()} | upd | {"step_time": timer.t["update"]}
+        if step == 1:
+            metrics["skipped_rows"] = sum(skipped.values())
+        if eval_ex and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps):
+            metrics.update(evaluate_pairs(model, eval_ex, pad, run.device, cfg))
+        if step % cfg.logging_steps == 0 or "eval_loss" in metrics:
+            run.metrics.log(step, metrics)
+    return loop.finish(run, model, tok)
