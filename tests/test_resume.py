@@ -54,8 +54,12 @@ def _data(tmp_path: Path) -> dict[str, Path]:
     sft_rows = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(8) for b in range(8)]
     rl_rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(5) for b in range(5)]
     write_jsonl(tmp_path / "sft.jsonl", sft_rows)
+    pref_rows = [
+        {"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)} for a in range(6) for b in range(6)
+    ]
     write_jsonl(tmp_path / "rl.jsonl", rl_rows)
-    return {"sft": tmp_path / "sft.jsonl", "rl": tmp_path / "rl.jsonl"}
+    write_jsonl(tmp_path / "pref.jsonl", pref_rows)
+    return {"sft": tmp_path / "sft.jsonl", "rl": tmp_path / "rl.jsonl", "pref": tmp_path / "pref.jsonl"}
 
 
 # algo -> (data key, overrides, kill mode, kill step); every case uses save_steps=2 and max_steps=5
@@ -81,6 +85,8 @@ CASES = {
         "log",  # killed after logging step 3: resume uses checkpoint-2 and drops step 3's rows
         3,
     ),
+    "dpo": ("pref", ["batch_size=4", "learning_rate=1e-3", "eval_fraction=0.2", "eval_steps=2"], "log", 3),
+    "rm": ("pref", ["batch_size=4", "learning_rate=1e-3", "eval_fraction=0.2"], "save", 4),
 }
 
 

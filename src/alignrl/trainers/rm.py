@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from alignrl import checkpoint
 from alignrl.algos.preference import bradley_terry_loss
 from alignrl.config import TrainConfig
 from alignrl.data import PreferenceExample
@@ -119,10 +120,11 @@ def train(cfg: RMConfig) -> Path:
     pad = tok.pad_token_id
     opt = loop.build_optimizer(model, cfg)
     sched = loop.build_scheduler(opt, cfg, cfg.max_steps)
-    stream = pair_batches(train_ex, cfg.batch_size, random.Random(cfg.seed))
-    if eval_ex:
+    stream = checkpoint.ReplayStream(lambda: pair_batches(train_ex, cfg.batch_size, random.Random(cfg.seed)))
+    first = run.register(model, tok, optimizer=opt, scheduler=sched, data=stream)
+    if eval_ex and first == 1:
         run.metrics.log(0, evaluate_pairs(model, eval_ex, pad, run.device, cfg))
-    for step in range(1, cfg.max_steps + 1):
+    for step in range(first, cfg.max_steps + 1):
         timer = loop.Timer()
         micro = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
         n_total = sum(len(b) for b in micro)
@@ -134,7 +136,7 @@ def train(cfg: RMConfig) -> Path:
                 loss = bt_loss(cfg, b, rc, rr)
                 (loss * len(b) / n_total).backward()  # the mean over all pairs of the accumulated batch
                 _add_stats(acc, loss, rc, rr)
-            upd = loop.optimizer_step(model, opt, sched, cfg)
+            upd = loop.optimizer_step(model, opt, sched, cfg, loss=acc["loss"] / n_total, run=run)
         metrics = {k: v / n_total for k, v in acc.items()} | upd | {"step_time": timer.t["update"]}
         if step == 1:
             metrics["skipped_rows"] = sum(skipped.values())
@@ -142,4 +144,5 @@ def train(cfg: RMConfig) -> Path:
             metrics.update(evaluate_pairs(model, eval_ex, pad, run.device, cfg))
         if step % cfg.logging_steps == 0 or "eval_loss" in metrics:
             run.metrics.log(step, metrics)
+        run.end_step(step)
     return loop.finish(run, model, tok)
