@@ -86,6 +86,19 @@ CASES = {
         3,
     ),
     "dpo": ("pref", ["batch_size=4", "learning_rate=1e-3", "eval_fraction=0.2", "eval_steps=2"], "log", 3),
+    "ppo": (
+        "rl",
+        [
+            "prompts_per_step=4",
+            "num_generations=2",
+            "max_completion_length=5",
+            "learning_rate=1e-3",
+            "reward_funcs=[gsm8k]",
+            "kl_coef=0.1",
+        ],
+        "log",
+        3,
+    ),
     "rm": ("pref", ["batch_size=4", "learning_rate=1e-3", "eval_fraction=0.2"], "save", 4),
 }
 

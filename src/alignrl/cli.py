@@ -13,6 +13,9 @@ from alignrl.errors import AlignRLError
 ALGORITHMS = {
     "sft": ("alignrl.trainers.sft", "SFTConfig"),
     "grpo": ("alignrl.trainers.grpo", "GRPOConfig"),
+    "dpo": ("alignrl.trainers.dpo", "DPOConfig"),
+    "rm": ("alignrl.trainers.rm", "RMConfig"),
+    "ppo": ("alignrl.trainers.ppo", "PPOConfig"),
 }
 
 
@@ -37,6 +40,10 @@ def run_training(algo: str, config: str | None, overrides: list[str]):
         raise AlignRLError(f"unknown algorithm {algo!r} (choose from {', '.join(sorted(ALGORITHMS))})")
     module_name, cls_name = ALGORITHMS[algo]
     module = importlib.import_module(module_name)
+    from alignrl.distributed import MULTI_PROCESS_ALGORITHMS, env_world_size
+
+    if env_world_size() > 1 and algo not in MULTI_PROCESS_ALGORITHMS:
+        raise AlignRLError(f"{algo}: multi-process (torchrun) runs are not supported yet; run it in one process")
     cfg = load_config(getattr(module, cls_name), config, overrides)
     return module.train(cfg)
 
@@ -64,23 +71,22 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
 
-    args = parser.parse_args(argv)
+    # key=value overrides may come before or after --config: collect the ones argparse left over
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if args.command != "train" or a.startswith("-") or "=" not in a]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if args.command == "train":
+        args.overrides = list(args.overrides) + extra
     _quiet_transformers()
+    from alignrl.checkpoint import TrainingStopped, stop_on_signals
+
     try:
-        if args.command == "init-model":
-            from alignrl.models import init_model
-
-            out = init_model(
-                args.out, args.hidden_size, args.layers, args.heads, args.max_length, seed=args.seed
-            )
-            print(f"created {out}")
-        elif args.command == "train":
-            final = run_training(args.algo, args.config, args.overrides)
-            print(f"final model: {final}")
-        elif args.command == "demo":
-            from alignrl.demo import run_demo
-
-            run_demo(args.algo, args.out, seed=args.seed, quick=args.quick)
+        with stop_on_signals():  # SIGINT/SIGTERM: save a checkpoint at the end of the step, exit 128+signal
+            _dispatch(args)
+    except TrainingStopped as e:
+        print(f"alignrl: {e}", file=sys.stderr)
+        return 128 + e.signum
     except AlignRLError as e:
         print(f"alignrl: error: {e}", file=sys.stderr)
         return 2
@@ -88,6 +94,24 @@ def main(argv: list[str] | None = None) -> int:
         print("alignrl: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    """Run one sub-command (errors propagate to main)."""
+    if args.command == "init-model":
+        from alignrl.models import init_model
+
+        out = init_model(
+            args.out, args.hidden_size, args.layers, args.heads, args.max_length, seed=args.seed
+        )
+        print(f"created {out}")
+    elif args.command == "train":
+        final = run_training(args.algo, args.config, args.overrides)
+        print(f"final model: {final}")
+    elif args.command == "demo":
+        from alignrl.demo import run_demo
+
+        run_demo(args.algo, args.out, seed=args.seed, quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,412 @@
+"""PPO for RLHF: actor–critic with the KL to a frozen reference folded into a per-token reward.
+
+One step: sample completions for `prompts_per_step` prompts, score them (reward model and/or reward
+functions, minus `missing_eos_penalty` for completions without EOS), build per-token rewards
+r_t = −β·kl_t plus the score at the last token, compute GAE advantages and returns with the critic's values,
+whiten the advantages, then run `num_ppo_epochs` passes over `num_mini_batches` shuffled minibatches of
+clipped policy loss + vf_coef · clipped value loss. β is fixed or adapted toward a target KL (Ziegler et al.).
+The recipe follows "The N Implementation Details of RLHF with PPO" (shared/ALGORITHMS.md, section PPO).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from alignrl import checkpoint
+from alignrl.algos.advantages import gae
+from alignrl.algos.kl import kl_estimate
+from alignrl.algos.kl_control import AdaptiveKLController, FixedKLController
+from alignrl.algos.policy_loss import approx_kl_stats, clipped_policy_loss, clipped_value_loss
+from alignrl.algos.utils import masked_mean, masked_sum, masked_var, whiten
+from alignrl.config import TrainConfig
+from alignrl.data import infinite_batches, load_rows, require_columns
+from alignrl.errors import AlignRLError
+from alignrl.generation import SamplingParams
+from alignrl.logprobs import token_logprobs
+from alignrl.models import adapter_disabled, disable_dropout, is_peft, load_causal_lm, unwrap
+from alignrl.rewards import RewardFunctions
+from alignrl.rollout import evaluate, sample_and_score
+from alignrl.trainers import loop
+from alignrl.value_model import (
+    ValueHead,
+    ValueModel,
+    captured_hidden,
+    is_reward_model_dir,
+    load_value_model,
+    shared_values,
+    token_values,
+)
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    """PPO options on top of the shared ones (names follow TRL's PPOConfig where it has the option)."""
+
+    learning_rate: float = 3e-6
+    adam_epsilon: float = 1e-5
+    # rollout
+    prompts_per_step: int = 16  # distinct prompts per rollout batch
+    num_generations: int = 1  # completions sampled per prompt
+    max_prompt_length: int = 512
+    max_completion_length: int = 64
+    temperature: float = 0.7  # sampling temperature; log-probs use logits / temperature
+    top_p: float = 1.0
+    top_k: int = 0
+    # scoring: reward-model directories and/or reward functions, as in GRPO, weighted and summed
+    reward_funcs: list[str] = field(default_factory=list)
+    reward_weights: list[float] | None = None
+    missing_eos_penalty: float | None = None  # subtracted from the score of completions without EOS
+    # critic
+    critic: Literal["separate", "shared"] = "separate"  # separate value model, or a head on the policy's trunk
+    value_model: str | None = None  # critic init (separate): default = first reward-model dir in reward_funcs,
+    # else the policy; a reward model keeps its score head, a causal LM gets a zero-initialised head
+    save_value_model: bool = True  # write the trained critic to OUTPUT_DIR/value_model (or value_head.pt)
+    # KL penalty in the reward
+    kl_coef: float = 0.05  # β, the initial value when adaptive_kl
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    adaptive_kl: bool = False  # Ziegler et al. proportional controller toward kl_target
+    kl_target: float = 6.0  # target KL (nats per sequence, the sum over completion tokens)
+    kl_horizon: float = 10000.0  # controller horizon in samples
+    whiten_rewards: bool = False  # whiten per-token rewards over valid tokens (mean kept)
+    # advantages
+    gamma: float = 1.0
+    lam: float = 0.95
+    # updates
+    num_ppo_epochs: int = 4  # passes over each rollout batch
+    num_mini_batches: int = 1  # optimizer steps per pass (the batch is split into this many shuffled parts)
+    micro_batch_size: int = 0  # sequences per forward/backward inside a minibatch; 0 = the whole minibatch
+    cliprange: float = 0.2  # ε of the clipped policy loss
+    cliprange_value: float = 0.2  # c_v of the clipped value loss
+    dual_clip: float | None = None  # c > 1 caps the loss of negative-advantage tokens (typically 3)
+    vf_coef: float = 0.1  # weight of the value loss
+    log_completions: int = 4  # completions written to samples.jsonl every logging step
+
+    @property
+    def batch_size(self) -> int:
+        return self.prompts_per_step * self.num_generations
+
+    def validate(self) -> None:
+        if not self.reward_funcs:
+            raise AlignRLError("reward_funcs: give at least one reward model directory or reward function")
+        if self.gradient_accumulation_steps != 1:
+            raise AlignRLError("gradient_accumulation_steps: PPO splits each minibatch with micro_batch_size instead")
+        for name in ("prompts_per_step", "num_generations", "max_completion_length", "num_ppo_epochs",
+                     "num_mini_batches", "max_prompt_length"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise AlignRLError(f"{name}: must be ≥ 1")
+        if self.micro_batch_size < 0:
+            raise AlignRLError("micro_batch_size: must be ≥ 0")
+        if self.batch_size % self.num_mini_batches:
+            raise AlignRLError(
+                f"num_mini_batches: {self.num_mini_batches} does not divide the batch of "
+                f"prompts_per_step × num_generations = {self.batch_size} sequences"
+            )
+        if self.temperature <= 0:
+            raise AlignRLError("temperature: must be > 0 for RL sampling")
+        if not 0 < self.gamma <= 1 or not 0 <= self.lam <= 1:
+            raise AlignRLError("gamma must be in (0, 1] and lam in [0, 1]")
+        if self.kl_coef < 0 or self.cliprange < 0 or self.cliprange_value < 0 or self.vf_coef < 0:
+            raise AlignRLError("kl_coef, cliprange, cliprange_value and vf_coef must be ≥ 0")
+        if self.adaptive_kl and (self.kl_coef <= 0 or self.kl_target <= 0 or self.kl_horizon <= 0):
+            raise AlignRLError("adaptive_kl: needs kl_coef, kl_target and kl_horizon > 0")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise AlignRLError(f"dual_clip: must be > 1 (typically 3), got {self.dual_clip}")
+        if self.critic == "shared" and self.value_model:
+            raise AlignRLError("value_model: only used with critic=separate (critic=shared is a head on the policy)")
+
+
+# ----------------------------------------------------------------------------- the PPO math of one batch
+
+
+def kl_controller(cfg: PPOConfig) -> FixedKLController | AdaptiveKLController:
+    """The β controller (its state_dict() is what a checkpoint needs)."""
+    if cfg.adaptive_kl:
+        return AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    return FixedKLController(cfg.kl_coef)
+
+
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """r_t = −β·kl_t on valid tokens, plus the sequence score at each sequence's last valid token; [B, T]."""
+    m = mask.to(kl.dtype)
+    rewards = -kl_coef * torch.where(m > 0, kl, torch.zeros_like(kl))
+    last = (m.sum(-1).long() - 1).clamp(min=0)
+    has_tokens = (m.sum(-1) > 0).to(rewards.dtype)
+    return rewards.scatter_add(1, last[:, None], (scores.to(rewards.dtype) * has_tokens)[:, None])
+
+
+def advantages_and_returns(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, cfg: PPOConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optional reward whitening, GAE(γ, λ), returns = A + V (before whitening), then whitened advantages."""
+    if cfg.whiten_rewards:
+        rewards = whiten(rewards, mask, shift_mean=False) * mask
+    adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    return whiten(adv, mask) * mask, returns
+
+
+def ppo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    advantages: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: PPOConfig,
+    num_tokens: float | torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(Σ L_pg + vf_coef · Σ L_v) / num_tokens over valid tokens, and detached masked-mean statistics.
+
+    `num_tokens` is the minibatch's valid-token count, so summing the losses of its micro-batches gives the
+    minibatch's token-mean loss.
+    """
+    pg, st = clipped_policy_loss(
+        logp, old_logp, advantages, mask, cfg.cliprange, cfg.cliprange, dual_clip=cfg.dual_clip
+    )
+    vl, vclip = clipped_value_loss(values, old_values, returns, mask, cfg.cliprange_value)
+    loss = (masked_sum(pg, mask) + cfg.vf_coef * masked_sum(vl, mask)) / num_tokens
+    ratio = st["ratio"]
+    stats = {
+        "policy_loss": masked_mean(pg.detach(), mask),
+        "value_loss": masked_mean(vl.detach(), mask),
+        "clipfrac": masked_mean(st["is_clipped"], mask),
+        "dual_clipfrac": masked_mean(st["is_dual_clipped"], mask),
+        "value_clipfrac": masked_mean(vclip, mask),
+        "ratio": masked_mean(ratio, mask),
+        **approx_kl_stats(logp.detach(), old_logp, mask),
+    }
+    return loss, stats
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 − Var(R − V) / Var(R) over valid tokens."""
+    var_r = masked_var(returns, mask)
+    return float(1 - masked_var(returns - values, mask) / var_r) if var_r > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class Critic:
+    """Values for the states before completion tokens, from a separate value model or a head on the policy."""
+
+    def __init__(self, cfg: PPOConfig, policy: nn.Module, device: torch.device):
+        self.value_model: ValueModel | None = None
+        self.head: ValueHead | None = None
+        if cfg.critic == "shared":
+            lm = unwrap(policy)
+            self.head = ValueHead(lm.config.hidden_size, lm.dtype).to(device)
+            self.source = "shared policy trunk, zero-initialised head"
+        else:
+            path = cfg.value_model or next((f for f in cfg.reward_funcs if is_reward_model_dir(f)), cfg.model)
+            self.value_model = load_value_model(path, cfg.dtype, device)
+            self.source = path
+
+    @property
+    def module(self) -> nn.Module:
+        return self.value_model if self.value_model is not None else self.head  # type: ignore[return-value]
+
+    def values(self, policy: nn.Module, ids: torch.Tensor, attn: torch.Tensor, start: int) -> torch.Tensor:
+        if self.value_model is not None:
+            return token_values(self.value_model, ids, attn, start=start)
+        return shared_values(policy, self.head, ids, attn, start=start)  # type: ignore[arg-type]
+
+    def save(self, out: Path, tokenizer) -> None:
+        from alignrl.models import save_pretrained_atomic
+
+        if self.value_model is not None:
+            save_pretrained_atomic(self.value_model.model, tokenizer, out / "value_model")
+        else:
+            torch.save(self.module.state_dict(), out / "value_head.pt")
+
+
+def train(cfg: PPOConfig) -> Path:
+    """Run PPO; returns the final policy directory (the critic is saved next to it)."""
+    run = loop.start_run(cfg)
+    model, tok = loop.load_policy(cfg, run.device, rl=True)
+    data = load_rows(cfg.train_file)
+    require_columns(data, ["prompt"])
+    fns = RewardFunctions(cfg.reward_funcs, cfg.reward_weights, set(data.rows[0]), cfg.train_file)
+    eval_rows = load_rows(cfg.eval_file).rows if cfg.eval_file else None
+    ref = None
+    if not is_peft(model):
+        ref = load_causal_lm(cfg.model, cfg.dtype, run.device).eval().requires_grad_(False)
+        disable_dropout(ref)
+    critic = Critic(cfg, model, run.device)
+    kl_ctl = kl_controller(cfg)
+    run.extra.update(critic=critic, kl_controller=kl_ctl)  # what a checkpoint needs beyond the policy
+    params = nn.ModuleList([model, critic.module])  # one optimiser and one gradient-norm clip for both
+    opt = loop.build_optimizer(params, cfg)
+    sched = loop.build_scheduler(opt, cfg, cfg.max_steps * cfg.num_ppo_epochs * cfg.num_mini_batches)
+    stream = checkpoint.ReplayStream(lambda: infinite_batches(len(data), cfg.prompts_per_step, random.Random(cfg.seed)))
+    first = run.register(model, tok, optimizer=opt, scheduler=sched, data=stream, critic=critic.module, kl_ctl=kl_ctl)
+    sampling = SamplingParams(cfg.max_completion_length, cfg.temperature, cfg.top_p, cfg.top_k)
+    if eval_rows and first == 1:
+        run.metrics.log(0, {"eval_reward": _eval(model, tok, eval_rows, fns, cfg, run.device)})
+    for step in range(first, cfg.max_steps + 1):
+        timer = loop.Timer()
+        idx = next(stream)
+        with timer("generation"):
+            scored = sample_and_score(
+                model, tok, [data.rows[i] for i in idx], [data.where(i) for i in idx], fns, sampling,
+                repeats=cfg.num_generations, max_prompt_length=cfg.max_prompt_length, device=run.device,
+            )  # fmt: skip
+        ro = scored.rollout
+        ids, attn, P = ro.input_ids, ro.attention_mask, ro.prompt_ids.shape[1]
+        mask = ro.completion_mask.float()
+        old_logp = ro.logprobs  # from the sampling forward (temperature-scaled), = π_old
+        scores = scored.rewards.float()
+        if cfg.missing_eos_penalty is not None:
+            scores = scores - cfg.missing_eos_penalty * ro.truncated.float()
+        with torch.no_grad(), loop.autocast(cfg, run.device):
+            with timer("reference"), adapter_disabled(model) if ref is None else contextlib.nullcontext():
+                ref_logp, _ = token_logprobs(
+                    ref or model, ids, attn, ro.completion_mask, start=P, temperature=cfg.temperature,
+                    chunk_tokens=cfg.logprob_chunk_tokens,
+                )  # fmt: skip
+            with timer("values"):
+                old_values = critic.values(model, ids, attn, P) * mask
+        kl = kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * mask
+        beta = kl_ctl.value
+        rewards = token_rewards(scores, kl, mask, beta)
+        adv, returns = advantages_and_returns(rewards, old_values, mask, cfg)
+        batch = PPOBatch(ids, attn, P, mask, old_logp, old_values, adv, returns)
+        with timer("update"):
+            stats = ppo_update(model, critic, params, opt, sched, cfg, batch, run.device, run=run)
+        kl_seq = kl.sum(-1)
+        kl_ctl.update(float(kl_seq.mean()), cfg.batch_size)
+        metrics = {
+            "objective/scores": float(scores.mean()),
+            "objective/non_score_reward": float((-beta * kl).sum(-1).mean()),
+            "objective/rlhf_reward": float(scores.mean() + (-beta * kl).sum(-1).mean()),
+            "objective/kl": float(((old_logp - ref_logp) * mask).sum(-1).mean()),
+            "objective/kl_k3": float((kl_estimate(old_logp, ref_logp, "k3") * mask).sum(-1).mean()),
+            "objective/entropy": stats.pop("entropy", 0.0),
+            "kl_coef": beta,
+            "reward": float(scored.rewards.mean()),
+            **_reward_columns(scored.raw_rewards, fns),
+            "advantages/mean": float(masked_mean(adv, mask)),
+            "advantages/std": float(masked_var(adv, mask).sqrt()),
+            "returns/mean": float(masked_mean(returns, mask)),
+            "returns/std": float(masked_var(returns, mask).sqrt()),
+            "values/mean": float(masked_mean(old_values, mask)),
+            "val/explained_variance": explained_variance(old_values, returns, mask),
+            "completion_length/mean": float(mask.sum(-1).mean()),
+            "eos_rate": float(1 - ro.truncated.float().mean()),
+            **stats,
+            "step_time": sum(timer.t.values()),
+            **{f"time/{k}": v for k, v in timer.t.items()},
+        }
+        if eval_rows and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps):
+            metrics["eval_reward"] = _eval(model, tok, eval_rows, fns, cfg, run.device)
+        if step % cfg.logging_steps == 0 or "eval_reward" in metrics:
+            run.metrics.log(step, metrics)
+            n = min(cfg.log_completions, len(scored.completions))
+            run.metrics.samples(step, [
+                {"prompt": scored.prompts[i], "completion": scored.completions[i], "score": float(scores[i])}
+                for i in range(n)
+            ])  # fmt: skip
+        run.end_step(step)
+    if cfg.save_value_model:
+        critic.save(run.out, tok)
+    return loop.finish(run, model, tok)
+
+
+@dataclass
+class PPOBatch:
+    """One rollout batch, ready for the updates (token tensors are [B, C] over completion tokens)."""
+
+    input_ids: torch.Tensor  # [B, P + C] prompt + completion
+    attention_mask: torch.Tensor
+    prompt_len: int  # P: completion tokens start here
+    mask: torch.Tensor  # completion mask (float)
+    old_logp: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor  # whitened
+    returns: torch.Tensor
+
+
+def ppo_update(
+    model: nn.Module,
+    critic: Critic,
+    params: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched,
+    cfg: PPOConfig,
+    b: PPOBatch,
+    device: torch.device,
+    run: loop.Run | None = None,
+) -> dict[str, float]:
+    """num_ppo_epochs passes of num_mini_batches shuffled minibatches; returns token-weighted mean stats."""
+    ids, attn, P, mask = b.input_ids, b.attention_mask, b.prompt_len, b.mask
+    n = ids.shape[0]
+    mb = n // cfg.num_mini_batches
+    micro = cfg.micro_batch_size or mb
+    sums: dict[str, list[float]] = {}
+    first: dict[str, float] = {}
+    upd: dict[str, float] = {}
+    for epoch in range(cfg.num_ppo_epochs):
+        order = torch.randperm(n, device=ids.device)
+        for k in range(cfg.num_mini_batches):
+            batch = order[k * mb : (k + 1) * mb]
+            n_tok = mask[batch].sum().clamp(min=1)
+            for s in range(0, mb, micro):
+                sel = batch[s : s + micro]
+                m = mask[sel]
+                with loop.autocast(cfg, device), captured_hidden(model) as hidden:
+                    logp, ent = token_logprobs(
+                        model, ids[sel], attn[sel], m, start=P, temperature=cfg.temperature,
+                        with_entropy=epoch == 0, chunk_tokens=cfg.logprob_chunk_tokens,
+                    )  # fmt: skip
+                    if critic.head is not None:  # reuse the trunk pass the log-probs just made
+                        values = critic.head(hidden[-1][:, P - 1 : -1])
+                    else:
+                        values = critic.values(model, ids[sel], attn[sel], P)
+                loss, st = ppo_loss(
+                    logp, b.old_logp[sel], values, b.old_values[sel], b.advantages[sel], b.returns[sel], m,
+                    cfg, n_tok,
+                )  # fmt: skip
+                loss.backward()
+                w = float(m.sum())
+                if ent is not None:
+                    st["entropy"] = masked_mean(ent, m)
+                if epoch == 0 and k == 0 and s == 0:  # sanity: nothing has changed yet, so ρ = 1
+                    first = {f"policy/first_minibatch_{x}": float(st[x]) for x in ("ratio", "approx_kl_k1",
+                                                                                   "clipfrac")}  # fmt: skip
+                for key, v in st.items():
+                    acc = sums.setdefault(key, [0.0, 0.0])
+                    acc[0] += float(v) * w
+                    acc[1] += w
+            upd = loop.optimizer_step(params, opt, sched, cfg, run=run)  # counts non-finite skips
+    avg = {k: s / w if w else 0.0 for k, (s, w) in sums.items()}
+    return {
+        "loss/policy_avg": avg["policy_loss"],
+        "loss/value_avg": avg["value_loss"],
+        "policy/approxkl_avg": avg["approx_kl_k1"],
+        "policy/approxkl_k3_avg": avg["approx_kl_k3"],
+        "policy/clipfrac_avg": avg["clipfrac"],
+        "policy/dual_clipfrac_avg": avg["dual_clipfrac"],
+        "val/clipfrac_avg": avg["value_clipfrac"],
+        "val/ratio": avg["ratio"],
+        "entropy": avg.get("entropy", 0.0),
+        **first,
+        **upd,
+    }
+
+
+def _reward_columns(raw: torch.Tensor, fns: RewardFunctions) -> dict[str, float]:
+    return {f"rewards/{name}/mean": float(raw[:, j].nanmean()) for j, name in enumerate(fns.names)}
+
+
+def _eval(model, tok, rows, fns, cfg: PPOConfig, device) -> float:
+    return evaluate(
+        model, tok, rows, fns, max_new_tokens=cfg.max_completion_length, max_prompt_length=cfg.max_prompt_length,
+        device=device,
+    )  # fmt: skip

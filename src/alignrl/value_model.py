@@ -1,0 +1,134 @@
+"""The PPO critic: a scalar value per token from a transformer trunk and a linear head.
+
+Two shapes:
+- a separate value model: an ``AutoModelForSequenceClassification`` (one label) whose trunk runs over the
+  sequence and whose ``score`` head is applied at every position (as TRL's PPO did). Initialised from a
+  reward-model directory (trunk and head kept) or from a causal LM such as the policy (trunk copied, head
+  zero-initialised). Saved with ``save_pretrained`` it is itself a reward-model-shaped directory.
+- a value head sharing the policy's trunk: a zero-initialised linear layer on the hidden states the
+  log-prob forward already computes (captured with a forward hook, so one trunk pass gives both).
+
+V_t is read at the hidden state *before* completion token t (the state the token is sampled from), the
+same position the log-prob path uses, so values, log-probs and per-token rewards line up index for index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, PreTrainedModel
+
+from alignrl.errors import AlignRLError
+from alignrl.logprobs import position_ids_from_mask
+from alignrl.models import DTYPES, disable_dropout, unwrap
+
+
+def is_reward_model_dir(path: str | Path) -> bool:
+    """True when `path` is an HF directory of a sequence-classification (reward) model."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        archs = json.loads(cfg.read_text()).get("architectures") or []
+    except (OSError, json.JSONDecodeError):
+        return False
+    return any(str(a).endswith("ForSequenceClassification") for a in archs)
+
+
+def _trunk(model: nn.Module) -> nn.Module:
+    lm = unwrap(model)
+    trunk = getattr(lm, getattr(lm, "base_model_prefix", ""), None)
+    if not isinstance(trunk, nn.Module):
+        raise AlignRLError(f"{type(lm).__name__}: cannot find its transformer trunk (base_model_prefix)")
+    return trunk
+
+
+class ValueModel(nn.Module):
+    """V[b, t] = head(trunk(x)[b, t]): a one-label sequence-classification model applied at every position."""
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        self.model = model
+        head = getattr(model, "score", None) or getattr(model, "classifier", None)
+        if not isinstance(head, nn.Linear) or head.out_features != 1:
+            raise AlignRLError(
+                f"value model: {type(model).__name__} has no one-output linear `score` head (need num_labels=1)"
+            )
+        self.head = head
+        self.trunk = _trunk(model)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Values [B, L] (float32) at every position."""
+        hidden = self.trunk(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+        ).last_hidden_state
+        return self.head(hidden).squeeze(-1).float()
+
+
+def load_value_model(path: str, dtype: str = "float32", device: torch.device | str = "cpu") -> ValueModel:
+    """A trainable critic from a reward-model directory (head kept) or a causal LM directory (head zeroed)."""
+    if not (Path(path) / "config.json").is_file():
+        raise AlignRLError(f"value_model: {path} is not a Hugging Face model directory (no config.json)")
+    from_rm = is_reward_model_dir(path)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=DTYPES[dtype], local_files_only=True
+        )
+    except ValueError as e:
+        raise AlignRLError(f"value_model: {path}: no sequence-classification variant of this model ({e})") from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    vm = ValueModel(model)
+    if not from_rm:
+        with torch.no_grad():
+            vm.head.weight.zero_()
+            if vm.head.bias is not None:
+                vm.head.bias.zero_()
+    disable_dropout(model)
+    return vm.to(device).train()
+
+
+def token_values(critic: ValueModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, start: int):
+    """Values of the states before tokens start.. : V[b, j] = V(x_{<start+j}); shape [B, L - start]."""
+    return critic(input_ids, attention_mask)[:, start - 1 : -1]
+
+
+class ValueHead(nn.Module):
+    """A zero-initialised linear value head on the policy's hidden states (the shared-trunk critic)."""
+
+    def __init__(self, hidden_size: int, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1, dtype=dtype)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1).float()
+
+
+@contextlib.contextmanager
+def captured_hidden(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """While active, every forward of `model`'s trunk appends its last hidden state [B, L, H] to the list."""
+    store: list[torch.Tensor] = []
+
+    def hook(_module, _args, output) -> None:
+        store.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+    handle = _trunk(model).register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+def shared_values(model: nn.Module, head: ValueHead, input_ids, attention_mask, *, start: int) -> torch.Tensor:
+    """Shared-trunk values [B, L - start] from one trunk forward of the policy (no lm head)."""
+    hidden = _trunk(model)(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+    ).last_hidden_state
+    return head(hidden[:, start - 1 : -1])
