@@ -43,6 +43,8 @@ class TrainConfig:
     autocast: Literal["none", "bfloat16", "float16"] = "none"  # mixed precision for forward passes
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    # multi-process under torchrun (docs/distributed.md); ignored in a single process; batch sizes stay global
+    distributed: Literal["none", "ddp", "fsdp"] = "none"  # ddp: replicate the model; fsdp: shard it (FSDP2)
     # LoRA (0 = full fine-tuning)
     lora_r: int = 0
     lora_alpha: int = 16

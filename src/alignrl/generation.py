@@ -73,8 +73,11 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-def _sample(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row and its log-prob under the temperature-scaled (unfiltered) distribution."""
+def _sample(
+    logits: torch.Tensor, params: SamplingParams, u: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row and its log-prob under the temperature-scaled (unfiltered) distribution; with `u`
+    ([B] uniforms in [0, 1)), the token is the inverse-CDF draw at u (sampling keyed by the caller's seeds)."""
     if params.temperature <= 0:
         tok = logits.argmax(-1)
         return tok, logits.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)
@@ -83,7 +86,12 @@ def _sample(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor,
         probs = filter_logits(logp, params.top_k, params.top_p).softmax(-1)
     else:
         probs = logp.exp()  # no filter: sample straight from the softmax, no logits-processor chain
-    tok = torch.multinomial(probs, 1).squeeze(-1)
+    if u is None:
+        tok = torch.multinomial(probs, 1).squeeze(-1)
+    else:
+        cdf = probs.cumsum(-1)
+        tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None].contiguous(), right=True).squeeze(-1)
+        tok = tok.clamp(max=probs.shape[-1] - 1)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
@@ -94,6 +102,7 @@ def generate(
     params: SamplingParams,
     eos_token_ids: Sequence[int],
     pad_token_id: int,
+    seeds: Sequence[int] | None = None,
 ) -> Rollout:
     """Sample completions for left-padded prompts; stops early once every sequence has emitted EOS.
 
@@ -105,7 +114,8 @@ def generate(
     model.eval()
     try:
         with torch.inference_mode():
-            ids, logps, n = _sample_loop(model, prompt_ids, prompt_mask, params, eos_token_ids, pad_token_id)
+            u = _uniforms(seeds, params, prompt_ids.device)
+            ids, logps, n = _sample_loop(model, prompt_ids, prompt_mask, params, eos_token_ids, pad_token_id, u)
     finally:
         model.train(was_training)
     completion_ids = ids[:, :n].clone()  # clone: leave inference mode so training may use these tensors
@@ -126,7 +136,15 @@ def generate(
     )
 
 
-def _sample_loop(model, prompt_ids, prompt_mask, params: SamplingParams, eos_token_ids, pad_token_id):
+def _uniforms(seeds: Sequence[int] | None, params: SamplingParams, device) -> torch.Tensor | None:
+    """[B, max_new_tokens] uniforms, row i from a CPU generator seeded with seeds[i]."""
+    if seeds is None:
+        return None
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return torch.stack([torch.rand(params.max_new_tokens, generator=g) for g in gens]).to(device)
+
+
+def _sample_loop(model, prompt_ids, prompt_mask, params: SamplingParams, eos_token_ids, pad_token_id, u=None):
     device = prompt_ids.device
     batch, P = prompt_ids.shape
     N = params.max_new_tokens
@@ -151,7 +169,7 @@ def _sample_loop(model, prompt_ids, prompt_mask, params: SamplingParams, eos_tok
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     n = 0
     for step in range(N):
-        tok, logp = _sample(out.logits[:, -1].float(), params)
+        tok, logp = _sample(out.logits[:, -1].float(), params, None if u is None else u[:, step])
         tokens[:, step] = tok.masked_fill(done, pad_token_id)
         logps[:, step] = logp.masked_fill(done, 0.0)
         n = step + 1

@@ -60,12 +60,13 @@ def sample_and_score(
     repeats: int,
     max_prompt_length: int,
     device: torch.device,
+    seeds: Sequence[int] | None = None,
 ) -> ScoredRollout:
     """Sample `repeats` completions per row (contiguous per prompt) and score them with the reward functions."""
     prompt_ids = encode_prompts(rows, tokenizer, max_prompt_length, wheres)
     prompt_ids = [p for p in prompt_ids for _ in range(repeats)]
     ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)
-    rollout = generate(model, ids, mask, params, eos_ids(tokenizer, model), tokenizer.pad_token_id)
+    rollout = generate(model, ids, mask, params, eos_ids(tokenizer, model), tokenizer.pad_token_id, seeds=seeds)
     comp_ids = rollout.completion_lists()
     texts = tokenizer.batch_decode(comp_ids, skip_special_tokens=True)
     rep_rows = [r for r in rows for _ in range(repeats)]

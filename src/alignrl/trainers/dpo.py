@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from alignrl import checkpoint
+from alignrl import distributed as dist
 from alignrl.algos.preference import REFERENCE_FREE_LOSSES, preference_loss
 from alignrl.config import TrainConfig
 from alignrl.data import PreferenceExample, length_grouped_batches, load_preference_examples, load_rows, split_eval
 from alignrl.errors import AlignRLError
-from alignrl.logprobs import token_logprobs
 from alignrl.models import load_causal_lm
 from alignrl.trainers import loop
 
@@ -81,7 +81,7 @@ def pair_logps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs (chosen [B], rejected [B]) from one concatenated forward."""
     ids, attn, cmask = collate_pairs(batch, pad_id, device, padding_side)
-    logp, _ = token_logprobs(model, ids, attn, cmask[:, 1:], start=1, chunk_tokens=chunk_tokens)
+    logp, _ = dist.logprobs(model, ids, attn, cmask[:, 1:], start=1, chunk_tokens=chunk_tokens)
     seq = logp.sum(-1)
     return seq[: len(batch)], seq[len(batch) :]
 
@@ -98,9 +98,11 @@ def cache_reference_logps(model: nn.Module, examples: list[PreferenceExample], p
     was = model.training
     model.eval()
     for b in _in_batches(examples, cfg.eval_batch_size):
+        part, w = dist.local_part(b)  # each rank scores its share; the values are gathered in batch order
         with loop.autocast(cfg, device):
-            rc, rr = pair_logps(model, b, pad_id, device, cfg.logprob_chunk_tokens)
-        for e, c, r in zip(b, rc.tolist(), rr.tolist()):
+            rc, rr = pair_logps(model, part, pad_id, device, cfg.logprob_chunk_tokens)
+        values = dist.all_gather_objects(list(zip(rc.tolist(), rr.tolist())) if w else [])
+        for e, (c, r) in zip(b, values):
             e.ref_chosen_logp, e.ref_rejected_logp = c, r
     model.train(was)
 
@@ -124,6 +126,10 @@ def pair_losses(cfg: DPOConfig, batch: Sequence[PreferenceExample], pc: torch.Te
     )
 
 
+_STAT_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+              "logps/chosen", "logps/rejected")  # fmt: skip
+
+
 def _add_stats(acc: dict[str, float], losses, cr, rr, pc, pr) -> None:
     """Sums over pairs of TRL's logged quantities (divided by the pair count when logged)."""
     for k, v in {
@@ -145,11 +151,13 @@ def evaluate_pairs(model: nn.Module, examples: list[PreferenceExample], pad_id: 
     model.eval()
     acc: dict[str, float] = {}
     for b in _in_batches(examples, cfg.eval_batch_size):
+        part, w = dist.local_part(b)
         with loop.autocast(cfg, device):
-            pc, pr = pair_logps(model, b, pad_id, device, cfg.logprob_chunk_tokens)
-        _add_stats(acc, *pair_losses(cfg, b, pc, pr), pc, pr)
+            pc, pr = pair_logps(model, part, pad_id, device, cfg.logprob_chunk_tokens)
+        if w:
+            _add_stats(acc, *pair_losses(cfg, part, pc, pr), pc, pr)
     model.train(was)
-    return {f"eval_{k}": v / len(examples) for k, v in acc.items()}
+    return {f"eval_{k}": dist.all_reduce(acc.get(k, 0.0)) / len(examples) for k in _STAT_KEYS}
 
 
 def pair_batches(examples: list[PreferenceExample], batch_size: int, rng: random.Random) -> Iterator[list]:
@@ -178,38 +186,44 @@ def train(cfg: DPOConfig) -> Path:
     """Run DPO (or a family member); returns the final model directory."""
     run = loop.start_run(cfg)
     model, tok = loop.load_policy(cfg, run.device, rl=True)  # dropout off, as TRL's disable_dropout
+    policy = loop.wrap_policy(run, model)  # DDP / FSDP under torchrun; log-probs go through it
+    opt = loop.build_optimizer(model, cfg)  # before any forward: FSDP's parameters are the shards then
     train_ex, eval_ex, skipped = load_pairs(cfg, tok)
     pad = tok.pad_token_id
     if cfg.loss_type not in REFERENCE_FREE_LOSSES:
         # the reference is the starting policy (LoRA: its base) unless ref_model names another model
-        ref = load_causal_lm(cfg.ref_model, cfg.dtype, run.device) if cfg.ref_model else model
+        ref = loop.wrap_frozen(run, load_causal_lm(cfg.ref_model, cfg.dtype, run.device)) if cfg.ref_model else policy
         cache_reference_logps(ref, train_ex + eval_ex, pad, run.device, cfg)
         del ref
-    opt = loop.build_optimizer(model, cfg)
     sched = loop.build_scheduler(opt, cfg, cfg.max_steps)
     stream = checkpoint.ReplayStream(lambda: pair_batches(train_ex, cfg.batch_size, random.Random(cfg.seed)))
     # registered after the reference pass: that pass must see the starting policy, not resumed weights
     first = run.register(model, tok, optimizer=opt, scheduler=sched, data=stream)
     if eval_ex and first == 1:
-        run.metrics.log(0, evaluate_pairs(model, eval_ex, pad, run.device, cfg))
+        run.metrics.log(0, evaluate_pairs(policy, eval_ex, pad, run.device, cfg))
     for step in range(first, cfg.max_steps + 1):
         timer = loop.Timer()
         micro = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
         n_total = sum(len(b) for b in micro)  # the loss is the mean over all pairs of the accumulated batch
         acc: dict[str, float] = {}
         with timer("update"):
-            for b in micro:
-                with loop.autocast(cfg, run.device):
-                    pc, pr = pair_logps(model, b, pad, run.device, cfg.logprob_chunk_tokens)
-                losses, cr, rr = pair_losses(cfg, b, pc, pr)
-                (losses.sum() / n_total).backward()
-                _add_stats(acc, losses, cr, rr, pc, pr)
-            upd = loop.optimizer_step(model, opt, sched, cfg, loss=acc["loss"] / n_total, run=run)
-        metrics = {k: v / n_total for k, v in acc.items()} | upd | {"step_time": timer.t["update"]}
+            for i, b in enumerate(micro):
+                part, w = dist.local_part(b)  # this rank's pairs of the global micro-batch
+                with dist.grad_sync(policy, i == len(micro) - 1):
+                    with loop.autocast(cfg, run.device):
+                        pc, pr = pair_logps(policy, part, pad, run.device, cfg.logprob_chunk_tokens)
+                    losses, cr, rr = pair_losses(cfg, part, pc, pr)
+                    (losses.sum() * (w * dist.grad_scale() / n_total)).backward()
+                if w:
+                    _add_stats(acc, losses, cr, rr, pc, pr)
+            mean_loss = dist.all_reduce(acc.get("loss", 0.0)) / n_total  # global: every rank skips or steps alike
+            upd = loop.optimizer_step(model, opt, sched, cfg, loss=mean_loss, run=run)
+        metrics = {k: dist.all_reduce(acc.get(k, 0.0)) / n_total for k in _STAT_KEYS}
+        metrics = metrics | upd | {"step_time": timer.t["update"]}
         if step == 1:
             metrics["skipped_rows"] = sum(skipped.values())
         if eval_ex and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps):
-            metrics.update(evaluate_pairs(model, eval_ex, pad, run.device, cfg))
+            metrics.update(evaluate_pairs(policy, eval_ex, pad, run.device, cfg))
         if step % cfg.logging_steps == 0 or "eval_loss" in metrics:
             run.metrics.log(step, metrics)
         run.end_step(step)

@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 
 from alignrl import checkpoint
+from alignrl import distributed as dist
 from alignrl.algos.advantages import ADVANTAGE_ESTIMATORS
 from alignrl.algos.kl import kl_estimate
 from alignrl.algos.policy_loss import aggregate_loss, clipped_policy_loss
@@ -23,7 +24,6 @@ from alignrl.config import TrainConfig
 from alignrl.data import infinite_batches, load_rows, require_columns
 from alignrl.errors import AlignRLError
 from alignrl.generation import SamplingParams
-from alignrl.logprobs import token_logprobs
 from alignrl.models import adapter_disabled, is_peft, load_causal_lm
 from alignrl.rewards import RewardFunctions
 from alignrl.rollout import ScoredRollout, evaluate, sample_and_score
@@ -86,26 +86,32 @@ def build_rewards(cfg: GRPOConfig, columns: set[str], data_name: str) -> RewardF
 
 
 def rollout_batch(
-    model, tok, data, stream, cfg: GRPOConfig, fns: RewardFunctions, device
+    policy, tok, data, stream, cfg: GRPOConfig, fns: RewardFunctions, device
 ) -> tuple[ScoredRollout, dict]:
-    """Sample and score one batch; with dynamic sampling keep only groups with reward spread, refilling."""
+    """Sample and score this rank's share of one batch (whole groups; everything in one process); with dynamic
+    sampling keep only groups with reward spread, refilling. Each sample's sampling noise is keyed by (seed,
+    batch number, index in the global batch), so the completions do not depend on how the batch is split."""
     params = SamplingParams(cfg.max_completion_length, cfg.temperature, cfg.top_p, cfg.top_k)
     G = cfg.num_generations
     kept: list[ScoredRollout] = []
     n_groups, dropped, rounds = 0, 0, 0
     while True:
         idx = next(stream)
-        scored = sample_and_score(
-            model,
-            tok,
-            [data.rows[i] for i in idx],
-            [data.where(i) for i in idx],
-            fns,
-            params,
-            repeats=G,
-            max_prompt_length=cfg.max_prompt_length,
-            device=device,
-        )
+        a, b = dist.shard_bounds(len(idx))
+        base = (cfg.seed * 1_000_003 + getattr(stream, "consumed", rounds)) * 1_000_003
+        with dist.full_params(policy) as model:
+            scored = sample_and_score(
+                model,
+                tok,
+                [data.rows[i] for i in idx[a:b]],
+                [data.where(i) for i in idx[a:b]],
+                fns,
+                params,
+                repeats=G,
+                max_prompt_length=cfg.max_prompt_length,
+                device=device,
+                seeds=[base + j for j in range(a * G, b * G)],
+            )
         rounds += 1
         if not cfg.dynamic_sampling:
             return scored, {}
@@ -184,30 +190,40 @@ def train(cfg: GRPOConfig) -> Path:
     """Run GRPO; returns the final model directory."""
     run = loop.start_run(cfg)
     model, tok = loop.load_policy(cfg, run.device, rl=True)
+    policy = loop.wrap_policy(run, model)  # DDP / FSDP under torchrun; log-probs go through it
+    if dist.world_size() > 1 and (cfg.dynamic_sampling or cfg.prompts_per_step % dist.world_size()):
+        raise AlignRLError(
+            f"prompts_per_step ({cfg.prompts_per_step}) must be divisible by the {dist.world_size()} processes, "
+            "and dynamic_sampling is not supported in multi-process runs yet"
+        )
     data = load_rows(cfg.train_file)
     require_columns(data, ["prompt"])
     fns = build_rewards(cfg, set(data.rows[0]), cfg.train_file)
     eval_rows = load_rows(cfg.eval_file).rows if cfg.eval_file else None
     ref = None
     if cfg.beta > 0 and not is_peft(model):
-        ref = load_causal_lm(cfg.model, cfg.dtype, run.device).eval().requires_grad_(False)
+        ref = loop.wrap_frozen(run, load_causal_lm(cfg.model, cfg.dtype, run.device).eval().requires_grad_(False))
     opt = loop.build_optimizer(model, cfg)
     sched = loop.build_scheduler(opt, cfg, cfg.max_steps * cfg.num_iterations)
     stream = checkpoint.ReplayStream(lambda: infinite_batches(len(data), cfg.prompts_per_step, random.Random(cfg.seed)))
     first = run.register(model, tok, optimizer=opt, scheduler=sched, data=stream)
     G = cfg.num_generations
     if eval_rows and first == 1:
-        run.metrics.log(0, {"eval_reward": _eval(model, tok, eval_rows, fns, cfg, run.device)})
+        run.metrics.log(0, {"eval_reward": _eval(policy, tok, eval_rows, fns, cfg, run.device)})
     for step in range(first, cfg.max_steps + 1):
         timer = loop.Timer()
         with timer("generation"):
-            scored, ds_metrics = rollout_batch(model, tok, data, stream, cfg, fns, run.device)
+            scored, ds_metrics = rollout_batch(policy, tok, data, stream, cfg, fns, run.device)
         ro = scored.rollout
         if ro.completion_ids.shape[0] == 0:  # dynamic sampling found no informative group
             run.metrics.log(step, {**ds_metrics, "skipped_step": 1.0})
             run.end_step(step)
             continue
-        adv = ADVANTAGE_ESTIMATORS[cfg.advantage_estimator](scored.rewards, G, cfg.scale_rewards, 1e-4)
+        # advantages from the global batch's rewards (batch-level scaling needs all of them), then this rank's part
+        rewards_all = dist.all_gather(scored.rewards)
+        adv_all = ADVANTAGE_ESTIMATORS[cfg.advantage_estimator](rewards_all, G, cfg.scale_rewards, 1e-4)
+        first_local = dist.shard_bounds(adv_all.numel(), G)[0]
+        adv = adv_all[first_local : first_local + scored.rewards.numel()]
         mask = ro.completion_mask.float()
         if cfg.mask_truncated_completions:
             mask = mask * (~ro.truncated).float()[:, None]
@@ -218,8 +234,8 @@ def train(cfg: GRPOConfig) -> Path:
             with timer("reference"), torch.no_grad(), loop.autocast(cfg, run.device):
                 ctx = adapter_disabled(model) if ref is None else contextlib.nullcontext()
                 with ctx:
-                    ref_logp, _ = token_logprobs(
-                        ref or model,
+                    ref_logp, _ = dist.logprobs(
+                        ref or policy,
                         ids,
                         attn,
                         ro.completion_mask,
@@ -231,8 +247,8 @@ def train(cfg: GRPOConfig) -> Path:
         mb = cfg.micro_batch_size or n
         # global normalisers, so that summing micro-batch losses equals the full-batch loss
         norms = {
-            "num_tokens": mask.sum().clamp(min=1),
-            "num_seqs": n,
+            "num_tokens": dist.all_reduce(mask.sum()).clamp(min=1),
+            "num_seqs": dist.all_reduce(n),
             "max_completion_length": cfg.max_completion_length,
         }
         stats: dict[str, list[float]] = {}
@@ -243,9 +259,10 @@ def train(cfg: GRPOConfig) -> Path:
                 for s in range(0, n, mb):
                     sel = torch.tensor(order[s : s + mb], device=ids.device)
                     m = mask[sel]
-                    with loop.autocast(cfg, run.device):
-                        logp, ent = token_logprobs(
-                            model,
+                    # DDP reads the sync flag in forward, FSDP in backward: both run inside grad_sync
+                    with dist.grad_sync(policy, s + mb >= n), loop.autocast(cfg, run.device):
+                        logp, ent = dist.logprobs(
+                            policy,
                             ids[sel],
                             attn[sel],
                             ro.completion_mask[sel],
@@ -268,7 +285,8 @@ def train(cfg: GRPOConfig) -> Path:
                         per_tok = per_tok + cfg.beta * kl
                         _add(stats, "kl", masked_mean(kl.detach(), m), m.sum())
                     loss = aggregate_loss(per_tok, m, cfg.loss_aggregation, **norms)
-                    loss.backward()
+                    with dist.grad_sync(policy, s + mb >= n):  # synchronise once, on the last micro-batch
+                        (loss * dist.grad_scale()).backward()
                     loss_total += float(loss.detach())
                     for k in ("is_low_clipped", "is_high_clipped", "is_clipped"):
                         _add(stats, f"clip/{k[3:]}", masked_mean(st[k], m), m.sum())
@@ -279,11 +297,12 @@ def train(cfg: GRPOConfig) -> Path:
                             masked_mean(ent, ro.completion_mask[sel].float()),
                             ro.completion_mask[sel].sum(),
                         )
-                upd = loop.optimizer_step(model, opt, sched, cfg, loss=loss_total, run=run)
-        metrics = _step_metrics(scored, fns, adv, stats, loss_total, upd, timer, G)
+                upd = loop.optimizer_step(model, opt, sched, cfg, loss=dist.all_reduce(loss_total), run=run)
+        stats = {k: [dist.all_reduce(s), dist.all_reduce(w)] for k, (s, w) in stats.items()}
+        metrics = _step_metrics(scored, fns, adv_all, stats, dist.all_reduce(loss_total), upd, timer, G)
         metrics.update(ds_metrics)
         if eval_rows and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps):
-            metrics["eval_reward"] = _eval(model, tok, eval_rows, fns, cfg, run.device)
+            metrics["eval_reward"] = _eval(policy, tok, eval_rows, fns, cfg, run.device)
         if step % cfg.logging_steps == 0 or "eval_reward" in metrics:
             run.metrics.log(step, metrics)
             run.metrics.samples(
@@ -301,16 +320,20 @@ def train(cfg: GRPOConfig) -> Path:
     return loop.finish(run, model, tok)
 
 
-def _eval(model, tok, rows, fns, cfg: GRPOConfig, device) -> float:
-    return evaluate(
-        model,
-        tok,
-        rows,
-        fns,
-        max_new_tokens=cfg.max_completion_length,
-        max_prompt_length=cfg.max_prompt_length,
-        device=device,
-    )
+def _eval(policy, tok, rows, fns, cfg: GRPOConfig, device) -> float:
+    """Mean greedy reward over `rows`; each rank evaluates its share."""
+    part = dist.shard(rows)
+    with dist.full_params(policy) as model:
+        mean = evaluate(
+            model,
+            tok,
+            part,
+            fns,
+            max_new_tokens=cfg.max_completion_length,
+            max_prompt_length=cfg.max_prompt_length,
+            device=device,
+        )
+    return dist.all_reduce(mean * len(part)) / max(len(rows), 1)
 
 
 def _add(stats: dict[str, list[float]], key: str, value: torch.Tensor, weight) -> None:
@@ -324,8 +347,11 @@ def _add(stats: dict[str, list[float]], key: str, value: torch.Tensor, weight) -
 def _step_metrics(
     scored: ScoredRollout, fns: RewardFunctions, adv, stats, loss, upd, timer, G
 ) -> dict[str, float]:
+    """Step metrics over the global batch (gathered from every rank; `adv` is already global)."""
     ro = scored.rollout
-    lengths = ro.completion_mask.sum(-1).float()
+    lengths = dist.all_gather(ro.completion_mask.sum(-1).float())
+    truncated = dist.all_gather(ro.truncated.float())
+    scored = ScoredRollout(ro, [], [], dist.all_gather(scored.raw_rewards), dist.all_gather(scored.rewards))
     m: dict[str, float] = {
         "loss": loss,
         "reward": float(scored.rewards.mean()),
@@ -345,7 +371,7 @@ def _step_metrics(
     m["advantages/abs_mean"] = float(adv.abs().mean())
     m["completion_length/mean"] = float(lengths.mean())
     m["completion_length/max"] = float(lengths.max())
-    m["truncation_rate"] = float(ro.truncated.float().mean())
+    m["truncation_rate"] = float(truncated.mean())
     for k, (s, w) in stats.items():
         m[k] = s / w if w else 0.0
     m.update(upd)

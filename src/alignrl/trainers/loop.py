@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from alignrl import checkpoint
+from alignrl import distributed as dist
 from alignrl.config import TrainConfig, save_config
 from alignrl.errors import AlignRLError
 from alignrl.models import (
@@ -27,7 +28,6 @@ from alignrl.models import (
     disable_dropout,
     load_causal_lm,
     load_tokenizer,
-    resolve_device,
     save_pretrained_atomic,
 )
 
@@ -56,6 +56,7 @@ class Run:
     tokenizer: Any = None
     components: dict[str, Any] = field(default_factory=dict)
     last_saved: int = -1
+    policy: nn.Module | None = None  # the model wrapped for log-probs (DDP / FSDP / plain), set by wrap_policy
 
     def register(self, model: nn.Module, tokenizer: Any = None, **components: Any) -> int:
         """Track what a checkpoint holds (objects with state_dict/load_state_dict, by name) and, when resuming,
@@ -67,12 +68,17 @@ class Run:
         if self.resume_from is None:
             return 1
         modules = {n: c for n, c in components.items() if isinstance(c, nn.Module)}
-        state = checkpoint.load_checkpoint(self.resume_from, model, self.device, modules)
-        missing = sorted(set(components) - set(modules) - set(state.get("components", {})))
+        if self._sharded():
+            state = dist.load_checkpoint(self.resume_from, self.policy, self._optimizer(), self.device, modules)
+        else:
+            state = checkpoint.load_checkpoint(self.resume_from, model, self.device, modules)
+        opt = self._optimizer() if self._sharded() else None  # multi-process: restored from distributed/ above
+        skip = set(modules) | {n for n, c in components.items() if opt is not None and c is opt}
+        missing = sorted(set(components) - skip - set(state.get("components", {})))
         if missing:
             raise AlignRLError(f"resume: {self.resume_from} has no state for {missing[0]!r} (another trainer's?)")
         for name, c in components.items():
-            if name not in modules:
+            if name not in skip:
                 c.load_state_dict(state["components"][name])
         self.nonfinite_in_a_row = int(state["run"]["nonfinite_in_a_row"])
         self.nonfinite_total = int(state["run"]["nonfinite_total"])
@@ -86,16 +92,34 @@ class Run:
         if self.model is None:
             raise RuntimeError("Run.register(model, ...) must be called before saving checkpoints")
         modules = {n: c for n, c in self.components.items() if isinstance(c, nn.Module)}
+        sharded = self._sharded()
+        opt = self._optimizer() if sharded else None  # multi-process: in distributed/ (DCP), not here
         state = {
-            "components": {n: c.state_dict() for n, c in self.components.items() if n not in modules},
+            "components": {
+                n: c.state_dict() for n, c in self.components.items() if n not in modules and c is not opt
+            },
             "rng": checkpoint.rng_state(),
             "run": {"nonfinite_in_a_row": self.nonfinite_in_a_row, "nonfinite_total": self.nonfinite_total},
         }
         cfg_text = (self.out / "config.yaml").read_text() if (self.out / "config.yaml").is_file() else None
-        path = checkpoint.save_checkpoint(self.out, step, self.model, self.tokenizer, state, cfg_text, modules)
+        if sharded:
+            path = dist.save_checkpoint(self.out, step, self.policy, self.tokenizer, opt, state, cfg_text, modules)
+        else:
+            path = checkpoint.save_checkpoint(self.out, step, self.model, self.tokenizer, state, cfg_text, modules)
         self.last_saved = step
-        checkpoint.rotate(self.out, self.cfg.save_total_limit)
+        if dist.is_main():
+            checkpoint.rotate(self.out, self.cfg.save_total_limit)
+        dist.barrier()
         return path
+
+    def _sharded(self) -> bool:
+        """Multi-process runs (and resumes of their checkpoints) keep model + optimiser state in DCP shards."""
+        if self.policy is None:
+            return False
+        return dist.is_dist() or (self.resume_from is not None and dist.has_sharded_state(self.resume_from))
+
+    def _optimizer(self) -> torch.optim.Optimizer | None:
+        return next((c for c in self.components.values() if isinstance(c, torch.optim.Optimizer)), None)
 
     def end_step(self, step: int) -> None:
         """Call once at the end of every step: saves every save_steps steps; after SIGINT/SIGTERM (inside
@@ -120,21 +144,24 @@ def start_run(cfg: TrainConfig) -> Run:
     """Seed, configure threads and device, create the output directory and save the resolved config there;
     with cfg.resume, find the checkpoint to continue from and keep metrics.jsonl rows up to its step."""
     _check_reliability_options(cfg)
-    set_seed(cfg.seed)
+    set_seed(cfg.seed)  # the same on every rank: identical data order and initialisation
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
-    device = resolve_device(cfg.device)
+    device = dist.init(cfg.distributed, cfg.device)  # torchrun: join the process group; this rank's device
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     resume_from = checkpoint.resolve_resume(cfg.resume, out)
     if cfg.resume == "auto" and resume_from is None:
         print(f"alignrl: resume=auto: no complete checkpoint in {out}; starting fresh", file=sys.stderr)
     keep = checkpoint.checkpoint_step(resume_from) if resume_from is not None else None
-    gone = checkpoint.discard_after(out, -1 if keep is None else keep)  # saved later by an earlier run
+    # checkpoints saved later by an earlier run; rank 0 deletes, the others wait
+    gone = checkpoint.discard_after(out, -1 if keep is None else keep) if dist.is_main() else []
+    dist.barrier()
     if gone:
         print(f"alignrl: removed {len(gone)} checkpoint(s) of an earlier run in {out}", file=sys.stderr)
-    save_config(cfg, out / "config.yaml")
-    metrics = MetricsLogger(out, cfg.max_steps, cfg.progress_bar, keep_until=keep)
+    if dist.is_main():
+        save_config(cfg, out / "config.yaml")
+    metrics = MetricsLogger(out, cfg.max_steps, cfg.progress_bar, keep_until=keep, enabled=dist.is_main())
     return Run(cfg=cfg, device=device, out=out, metrics=metrics, resume_from=resume_from)
 
 
@@ -148,6 +175,24 @@ def load_policy(cfg: TrainConfig, device: torch.device, *, rl: bool) -> tuple[nn
         model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     model.train()
     return model, tokenizer
+
+
+def wrap_policy(run: Run, model: nn.Module, fn: Any = None) -> nn.Module:
+    """The trainable model as the module trainers compute with: `dist.logprobs(policy, ...)` (or, with `fn`,
+    `dist.call(policy, fn, ...)`), DDP- or FSDP2-wrapped under torchrun (cfg.distributed), plain in one process.
+    Build the optimiser right after, before any forward (FSDP swaps in sharded parameters). Reseeds torch per
+    rank (sampling)."""
+    inner = dist.PolicyLogProbs(model) if fn is None else dist.ForwardFn(model, fn)
+    run.policy = dist.wrap_model(inner, run.cfg.distributed, run.device)
+    if dist.is_dist():
+        dist.seed_rank_rng(run.cfg.seed)
+    return run.policy
+
+
+def wrap_frozen(run: Run, model: nn.Module) -> nn.Module:
+    """A frozen model (reference policy) for `dist.logprobs`: sharded like the policy under FSDP, else plain."""
+    mode = "fsdp" if run.cfg.distributed == "fsdp" else "none"
+    return dist.wrap_model(dist.PolicyLogProbs(model), mode, run.device)
 
 
 def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
@@ -232,10 +277,16 @@ def optimizer_step(
 class MetricsLogger:
     """One JSON line of metrics per step in OUTPUT_DIR/metrics.jsonl, plus an optional progress bar."""
 
-    def __init__(self, out: Path, total: int, progress: bool, keep_until: int | None = None):
+    def __init__(
+        self, out: Path, total: int, progress: bool, keep_until: int | None = None, enabled: bool = True
+    ):
         """keep_until: resuming after that step: keep the rows logged up to it (drop later ones), else start empty."""
         self.path = out / "metrics.jsonl"
         self.samples_path = out / "samples.jsonl"
+        self.enabled = enabled  # False on ranks other than 0: they take part in reductions, write nothing
+        self.bar = None
+        if not enabled:
+            return
         for path in (self.path, self.samples_path):
             if keep_until is None or not path.is_file():
                 path.write_text("")
@@ -253,6 +304,11 @@ class MetricsLogger:
             self.bar = tqdm(total=total, desc="train", dynamic_ncols=True, leave=False, initial=keep_until or 0)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Every rank calls this with the same keys: values are averaged over ranks (times: maximum); trainers
+        make counts and statistics global before logging, so this only changes per-rank quantities."""
+        metrics = dist.reduce_metrics(metrics)
+        if not self.enabled:
+            return
         row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -262,6 +318,8 @@ class MetricsLogger:
             self.bar.set_postfix(shown)
 
     def samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        if not self.enabled:
+            return
         with self.samples_path.open("a") as f:
             for r in rows:
                 f.write(json.dumps({"step": step, **r}, ensure_ascii=False) + "\n")
@@ -283,7 +341,11 @@ def finish(run: Run, model: nn.Module, tokenizer: Any) -> Path:
     """Write the final model as an HF directory in OUTPUT_DIR/final/ (atomically)."""
     run.metrics.close()
     final = run.out / "final"
-    save_pretrained_atomic(model, tokenizer, final)
+    if run.policy is not None:
+        dist.save_final(run.policy, tokenizer, final)  # rank 0 writes the consolidated weights
+    else:
+        save_pretrained_atomic(model, tokenizer, final)
+    dist.shutdown()  # end of a torchrun job: leave the process group (no-op in one process)
     return final
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from alignrl import checkpoint
+from alignrl import distributed as dist
 from alignrl.algos.advantages import gae
 from alignrl.algos.kl import kl_estimate
 from alignrl.algos.kl_control import AdaptiveKLController, FixedKLController
@@ -229,6 +230,8 @@ class Critic:
 
 def train(cfg: PPOConfig) -> Path:
     """Run PPO; returns the final policy directory (the critic is saved next to it)."""
+    if dist.env_world_size() > 1:  # the critic reads the trunk outside a DDP/FSDP-wrapped forward
+        raise AlignRLError("ppo: multi-process (torchrun) runs are not supported yet; run PPO in one process")
     run = loop.start_run(cfg)
     model, tok = loop.load_policy(cfg, run.device, rl=True)
     data = load_rows(cfg.train_file)

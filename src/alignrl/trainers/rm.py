@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from alignrl import checkpoint
+from alignrl import distributed as dist
 from alignrl.algos.preference import bradley_terry_loss
 from alignrl.config import TrainConfig
 from alignrl.data import PreferenceExample
@@ -50,7 +51,7 @@ def pair_rewards(model: nn.Module, batch: Sequence[PreferenceExample], pad_id: i
     """Scores (chosen [B], rejected [B]) from one concatenated forward."""
     seqs = [e.prompt_ids + e.chosen_ids for e in batch] + [e.prompt_ids + e.rejected_ids for e in batch]
     ids, mask = pad_batch(seqs, pad_id, device, left=left)
-    r = reward_scores(model, ids, mask)
+    r = dist.call(model, reward_scores, ids, mask)  # through the DDP/FSDP wrapper when given one
     return r[: len(batch)], r[len(batch) :]
 
 
@@ -59,6 +60,9 @@ def bt_loss(cfg: RMConfig, batch: Sequence[PreferenceExample], rc: torch.Tensor,
     if cfg.use_margin and any(e.margin is not None for e in batch):
         margin = torch.tensor([e.margin or 0.0 for e in batch], device=rc.device)
     return bradley_terry_loss(rc, rr, margin, cfg.center_rewards_coefficient)
+
+
+_STAT_KEYS = ("loss", "accuracy", "margin", "mean_reward", "rewards/chosen", "rewards/rejected")
 
 
 def _add_stats(acc: dict[str, float], loss: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor) -> None:
@@ -83,12 +87,13 @@ def evaluate_pairs(model: nn.Module, examples: list[PreferenceExample], pad_id: 
     acc: dict[str, float] = {}
     order = sorted(range(len(examples)), key=lambda i: examples[i].length)
     for s in range(0, len(order), cfg.eval_batch_size):
-        b = [examples[i] for i in order[s : s + cfg.eval_batch_size]]
+        b, w = dist.local_part([examples[i] for i in order[s : s + cfg.eval_batch_size]])
         with loop.autocast(cfg, device):
             rc, rr = pair_rewards(model, b, pad_id, device)
-        _add_stats(acc, bt_loss(cfg, b, rc, rr), rc, rr)
+        if w:
+            _add_stats(acc, bt_loss(cfg, b, rc, rr), rc, rr)
     model.train(was)
-    return {f"eval_{k}": v / len(examples) for k, v in acc.items()}
+    return {f"eval_{k}": dist.all_reduce(acc.get(k, 0.0)) / len(examples) for k in _STAT_KEYS}
 
 
 def load_model(cfg: RMConfig, device: torch.device):
@@ -116,6 +121,7 @@ def train(cfg: RMConfig) -> Path:
     """Train a reward model; returns the final model directory (loadable with AutoModelForSequenceClassification)."""
     run = loop.start_run(cfg)
     model, tok = load_model(cfg, run.device)
+    scorer = loop.wrap_policy(run, model, reward_scores)  # DDP / FSDP under torchrun; scores go through it
     train_ex, eval_ex, skipped = load_pairs(cfg, tok, add_eos=rm_add_eos(tok))
     pad = tok.pad_token_id
     opt = loop.build_optimizer(model, cfg)
@@ -123,25 +129,31 @@ def train(cfg: RMConfig) -> Path:
     stream = checkpoint.ReplayStream(lambda: pair_batches(train_ex, cfg.batch_size, random.Random(cfg.seed)))
     first = run.register(model, tok, optimizer=opt, scheduler=sched, data=stream)
     if eval_ex and first == 1:
-        run.metrics.log(0, evaluate_pairs(model, eval_ex, pad, run.device, cfg))
+        run.metrics.log(0, evaluate_pairs(scorer, eval_ex, pad, run.device, cfg))
     for step in range(first, cfg.max_steps + 1):
         timer = loop.Timer()
         micro = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
         n_total = sum(len(b) for b in micro)
         acc: dict[str, float] = {}
         with timer("update"):
-            for b in micro:
-                with loop.autocast(cfg, run.device):
-                    rc, rr = pair_rewards(model, b, pad, run.device)
-                loss = bt_loss(cfg, b, rc, rr)
-                (loss * len(b) / n_total).backward()  # the mean over all pairs of the accumulated batch
-                _add_stats(acc, loss, rc, rr)
-            upd = loop.optimizer_step(model, opt, sched, cfg, loss=acc["loss"] / n_total, run=run)
-        metrics = {k: v / n_total for k, v in acc.items()} | upd | {"step_time": timer.t["update"]}
+            for i, micro_b in enumerate(micro):
+                b, w = dist.local_part(micro_b)  # this rank's pairs of the global micro-batch
+                with dist.grad_sync(scorer, i == len(micro) - 1):
+                    with loop.autocast(cfg, run.device):
+                        rc, rr = pair_rewards(scorer, b, pad, run.device)
+                    loss = bt_loss(cfg, b, rc, rr)
+                    # the mean over all pairs of the accumulated global batch
+                    (loss * (w * len(b) * dist.grad_scale() / n_total)).backward()
+                if w:
+                    _add_stats(acc, loss, rc, rr)
+            mean_loss = dist.all_reduce(acc.get("loss", 0.0)) / n_total  # global: every rank skips or steps alike
+            upd = loop.optimizer_step(model, opt, sched, cfg, loss=mean_loss, run=run)
+        metrics = {k: dist.all_reduce(acc.get(k, 0.0)) / n_total for k in _STAT_KEYS}
+        metrics = metrics | upd | {"step_time": timer.t["update"]}
         if step == 1:
             metrics["skipped_rows"] = sum(skipped.values())
         if eval_ex and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps):
-            metrics.update(evaluate_pairs(model, eval_ex, pad, run.device, cfg))
+            metrics.update(evaluate_pairs(scorer, eval_ex, pad, run.device, cfg))
         if step % cfg.logging_steps == 0 or "eval_loss" in metrics:
             run.metrics.log(step, metrics)
         run.end_step(step)

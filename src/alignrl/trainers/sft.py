@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from alignrl import checkpoint
+from alignrl import distributed as dist
 from alignrl.config import TrainConfig
 from alignrl.data import SFTExample, length_grouped_batches, load_rows, pack, split_eval, tokenize_sft
 from alignrl.errors import AlignRLError
-from alignrl.logprobs import token_logprobs
 from alignrl.trainers import loop
 
 
@@ -53,7 +53,7 @@ def nll_sum(model: nn.Module, batch, pad_id: int, device, cfg: SFTConfig) -> tup
     ids, attn, lmask = collate(batch, pad_id, device)
     target = lmask[:, 1:]
     with loop.autocast(cfg, device):
-        logp, _ = token_logprobs(model, ids, attn, target, start=1, chunk_tokens=cfg.logprob_chunk_tokens)
+        logp, _ = dist.logprobs(model, ids, attn, target, start=1, chunk_tokens=cfg.logprob_chunk_tokens)
     return -logp.sum(), int(target.sum())
 
 
@@ -72,18 +72,17 @@ def tokenize_all(path: str, rows, tokenizer, cfg: SFTConfig) -> tuple[list[SFTEx
 
 @torch.no_grad()
 def eval_loss(model: nn.Module, examples: list[SFTExample], pad_id: int, device, cfg: SFTConfig) -> float:
-    """Token-mean NLL over an evaluation set."""
+    """Token-mean NLL over an evaluation set (each batch split over ranks, sums all-reduced)."""
     was = model.training
     model.eval()
     total, count = 0.0, 0
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     for s in range(0, len(order), cfg.eval_batch_size):
-        loss, n = nll_sum(
-            model, [examples[i] for i in order[s : s + cfg.eval_batch_size]], pad_id, device, cfg
-        )
-        total, count = total + float(loss), count + n
+        part, w = dist.local_part([examples[i] for i in order[s : s + cfg.eval_batch_size]])
+        loss, n = nll_sum(model, part, pad_id, device, cfg)
+        total, count = total + w * float(loss), count + int(w) * n
     model.train(was)
-    return total / max(count, 1)
+    return dist.all_reduce(total) / max(dist.all_reduce(count), 1)
 
 
 def batches(examples: list[SFTExample], cfg: SFTConfig, rng: random.Random) -> Iterator[list[SFTExample]]:
@@ -104,6 +103,7 @@ def train(cfg: SFTConfig) -> Path:
     """Run SFT; returns the final model directory."""
     run = loop.start_run(cfg)
     model, tok = loop.load_policy(cfg, run.device, rl=False)
+    policy = loop.wrap_policy(run, model)  # DDP / FSDP under torchrun; log-probs go through it
     rows = load_rows(cfg.train_file)
     train_rows, eval_rows = split_eval(rows, cfg.eval_fraction, cfg.seed)
     if cfg.eval_file:
@@ -118,24 +118,28 @@ def train(cfg: SFTConfig) -> Path:
     stream = checkpoint.ReplayStream(lambda: batches(train_ex, cfg, random.Random(cfg.seed)))
     first = run.register(model, tok, optimizer=opt, scheduler=sched, data=stream)
     if eval_ex and first == 1:
-        run.metrics.log(0, {"eval_loss": eval_loss(model, eval_ex, pad, run.device, cfg)})
+        run.metrics.log(0, {"eval_loss": eval_loss(policy, eval_ex, pad, run.device, cfg)})
     for step in range(first, cfg.max_steps + 1):
         t0 = time.perf_counter()
         micro = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
-        # token-mean over the whole accumulated batch: each micro-batch divides by the global count
+        # token-mean over the whole accumulated (global) batch: each micro-batch divides by the global count;
+        # each rank takes its share of every micro-batch, gradients are synchronised on the last one
         n_total = sum(sum(sum(e.loss_mask[1:]) for e in b) for b in micro)
         total = 0.0
-        for b in micro:
-            loss, _ = nll_sum(model, b, pad, run.device, cfg)
-            (loss / n_total).backward()
-            total += float(loss.detach())
+        for i, b in enumerate(micro):
+            part, w = dist.local_part(b)
+            with dist.grad_sync(policy, i == len(micro) - 1):
+                loss, _ = nll_sum(policy, part, pad, run.device, cfg)
+                (loss * (w * dist.grad_scale() / n_total)).backward()
+            total += w * float(loss.detach())
+        total = dist.all_reduce(total)
         mean = total / n_total
         metrics = {"loss": mean, "tokens": n_total, **loop.optimizer_step(model, opt, sched, cfg, loss=mean, run=run)}
         metrics["step_time"] = time.perf_counter() - t0
         if step == 1:
             metrics["truncated_examples"] = n_trunc
         if eval_ex and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps):
-            metrics["eval_loss"] = eval_loss(model, eval_ex, pad, run.device, cfg)
+            metrics["eval_loss"] = eval_loss(policy, eval_ex, pad, run.device, cfg)
         if step % cfg.logging_steps == 0 or "eval_loss" in metrics:
             run.metrics.log(step, metrics)
         run.end_step(step)
