@@ -118,9 +118,10 @@ def test_seeded_sampling_draws_from_the_filtered_distribution():
     assert (freq - expected).abs().max() < 0.01 and freq[expected == 0].sum() == 0
 
 
-def test_ppo_under_torchrun_is_a_one_line_error(monkeypatch, capsys):
-    from alignrl.cli import main
+def test_unintegrated_algorithm_under_torchrun_is_a_one_line_error(monkeypatch, capsys):
+    from alignrl import cli
 
+    monkeypatch.setitem(cli.ALGORITHMS, "toy", ("alignrl.trainers.ppo", "PPOConfig"))  # e.g. register_algorithm
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["train", "ppo", "model=x", "distributed=ddp"]) == 2
-    assert "ppo: multi-process (torchrun) runs are not supported yet" in capsys.readouterr().err
+    assert cli.main(["train", "toy", "model=x", "distributed=ddp"]) == 2
+    assert "toy: multi-process (torchrun) runs are not supported yet" in capsys.readouterr().err

@@ -1,5 +1,5 @@
 """Trainers under `torchrun --nproc_per_node 2` (gloo, CPU): one update on 2 ranks equals one single-process update
-on the same global batch (SFT, DPO, GRPO, RM; ddp and fsdp); GRPO logs the same reward statistics; resuming from a
+on the same global batch (SFT, DPO, GRPO, RM, PPO; ddp and fsdp); GRPO logs the same reward statistics; resuming from a
 sharded checkpoint reproduces the uninterrupted run; final/ of an fsdp run loads with from_pretrained."""
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ def _reward(tmp_path: Path) -> str:
     p = tmp_path / "r.py"
     p.write_text(
         "def short(prompts, completions, completion_ids, **kw):\n    return [-float(len(c)) for c in completions]\n"
+        "def prompt_sum(prompts, completions, completion_ids, **kw):\n"  # differs between the ranks' prompts
+        "    return [float(sum(int(x) for x in p.rstrip('=').split('+'))) for p in prompts]\n"
     )
     return f"{p}:short"
 
@@ -53,6 +55,11 @@ def _args(algo: str, model: str, tmp_path: Path, out: Path, *extra: str) -> list
         "grpo": ["prompts_per_step=4", "num_generations=4", "max_completion_length=6", "beta=0.04",
                  "scale_rewards=batch", f"reward_funcs=[gsm8k, {_reward(tmp_path)}]", "reward_weights=[1.0, 0.1]",
                  "micro_batch_size=4"],  # fmt: skip
+        # Adam's first step is ~ lr·sign(g), blind to how gradients are scaled; eps = 1 and no clipping make it
+        # ~ lr·g, so a wrong normaliser or whitening statistic on 2 ranks shows in the parameters
+        "ppo": ["prompts_per_step=4", "num_generations=2", "max_completion_length=6", "num_ppo_epochs=1",
+                f"reward_funcs=[{_reward(tmp_path)}, {_reward(tmp_path)[:-5]}prompt_sum]", "kl_coef=0.1",
+                "temperature=1.0", "adam_epsilon=1.0", "max_grad_norm=0", "learning_rate=0.1"],  # fmt: skip
     }
     return [*common, *per_algo[algo], *extra]
 
@@ -129,3 +136,28 @@ def test_resume_from_sharded_checkpoint_reproduces_the_run(algo, tiny_model, tmp
     a, b = _metrics(tmp_path / "full"), _metrics(part)
     assert [r["step"] for r in a] == [r["step"] for r in b]
     assert b[-1]["loss"] == pytest.approx(a[-1]["loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("extra", [("num_mini_batches=1",), ("num_mini_batches=2", "micro_batch_size=1",
+                                                             "whiten_rewards=true", "adaptive_kl=true")])
+def test_ppo_two_ranks_equal_single_process(mode, extra, tiny_model, tmp_path):
+    """PPO (separate critic): the policy AND the critic after one update on 2 ranks equal the single-process ones;
+    global whitening, token counts, minibatch shuffles and the adaptive KL controller's input."""
+    single, dist = _check_same_update("ppo", mode, tiny_model, tmp_path, *extra)
+    c_single, c_dist = tmp_path / "single" / "value_model", tmp_path / mode / "value_model"
+    assert load_file(str(c_single / "model.safetensors"))["score.weight"].abs().max() > 0  # the head moved
+    assert _max_rel_err(c_dist, c_single) < 1e-5
+    for key in ("objective/scores", "objective/kl", "advantages/std", "returns/mean", "loss/value_avg",
+                "policy/clipfrac_avg", "val/explained_variance"):  # fmt: skip
+        assert dist[-1][key] == pytest.approx(single[-1][key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_ppo_shared_critic_two_ranks_ddp(tiny_model, tmp_path):
+    """critic=shared under ddp: the head is DDP-wrapped and reads the trunk pass of the wrapped log-prob forward."""
+    _check_same_update("ppo", "ddp", tiny_model, tmp_path, "critic=shared")
+    a = torch.load(tmp_path / "ddp" / "value_head.pt")
+    b = torch.load(tmp_path / "single" / "value_head.pt")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-8) for k in b)

@@ -29,7 +29,7 @@ from alignrl.logprobs import token_logprobs
 from alignrl.models import is_peft, resolve_device
 
 Mode = Literal["none", "ddp", "fsdp"]
-MULTI_PROCESS_ALGORITHMS = {"sft", "rm", "dpo", "grpo"}  # trainers integrated with this module (not yet: ppo)
+MULTI_PROCESS_ALGORITHMS = {"sft", "rm", "dpo", "grpo", "ppo"}  # trainers integrated with this module
 T = TypeVar("T")
 
 

@@ -25,12 +25,11 @@ from alignrl.algos.advantages import gae
 from alignrl.algos.kl import kl_estimate
 from alignrl.algos.kl_control import AdaptiveKLController, FixedKLController
 from alignrl.algos.policy_loss import approx_kl_stats, clipped_policy_loss, clipped_value_loss
-from alignrl.algos.utils import masked_mean, masked_sum, masked_var, whiten
+from alignrl.algos.utils import masked_mean, masked_sum, whiten
 from alignrl.config import TrainConfig
 from alignrl.data import infinite_batches, load_rows, require_columns
 from alignrl.errors import AlignRLError
 from alignrl.generation import SamplingParams
-from alignrl.logprobs import token_logprobs
 from alignrl.models import adapter_disabled, disable_dropout, is_peft, load_causal_lm, unwrap
 from alignrl.rewards import RewardFunctions
 from alignrl.rollout import evaluate, sample_and_score
@@ -147,9 +146,25 @@ def advantages_and_returns(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Optional reward whitening, GAE(γ, λ), returns = A + V (before whitening), then whitened advantages."""
     if cfg.whiten_rewards:
-        rewards = whiten(rewards, mask, shift_mean=False) * mask
+        rewards = global_whiten(rewards, mask, shift_mean=False) * mask
     adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-    return whiten(adv, mask) * mask, returns
+    return global_whiten(adv, mask) * mask, returns
+
+
+def global_mean_var(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked mean and biased variance over the valid entries of every rank's part (all-reduced sums)."""
+    n = dist.all_reduce(mask.to(x.dtype).sum()).clamp(min=torch.finfo(x.dtype).tiny)
+    mean = dist.all_reduce(masked_sum(x, mask)) / n
+    return mean, dist.all_reduce(masked_sum((x - mean) ** 2, mask)) / n
+
+
+def global_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """`whiten` with the mean and variance of the global batch (all ranks); `whiten` itself in one process."""
+    if not dist.is_dist():
+        return whiten(x, mask, shift_mean, eps)
+    mean, var = global_mean_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    return out if shift_mean else out + mean
 
 
 def ppo_loss(
@@ -187,16 +202,19 @@ def ppo_loss(
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 − Var(R − V) / Var(R) over valid tokens."""
-    var_r = masked_var(returns, mask)
-    return float(1 - masked_var(returns - values, mask) / var_r) if var_r > 0 else 0.0
+    """1 − Var(R − V) / Var(R) over valid tokens (of all ranks)."""
+    var_r = global_mean_var(returns, mask)[1]
+    return float(1 - global_mean_var(returns - values, mask)[1] / var_r) if var_r > 0 else 0.0
 
 
 # ----------------------------------------------------------------------------- the loop
 
 
 class Critic:
-    """Values for the states before completion tokens, from a separate value model or a head on the policy."""
+    """Values for the states before completion tokens, from a separate value model or a head on the policy.
+
+    `wrapped` is the module the trainer computes with: the value model inside a `ForwardFn` of `token_values`
+    (or the shared head), DDP- or FSDP2-wrapped under torchrun like the policy; `module` is the plain one."""
 
     def __init__(self, cfg: PPOConfig, policy: nn.Module, device: torch.device):
         self.value_model: ValueModel | None = None
@@ -209,31 +227,59 @@ class Critic:
             path = cfg.value_model or next((f for f in cfg.reward_funcs if is_reward_model_dir(f)), cfg.model)
             self.value_model = load_value_model(path, cfg.dtype, device)
             self.source = path
+        self.wrapped: nn.Module = self.module
 
     @property
     def module(self) -> nn.Module:
         return self.value_model if self.value_model is not None else self.head  # type: ignore[return-value]
 
+    def wrap(self, mode: str, device: torch.device) -> None:
+        """DDP / FSDP2 under torchrun (before the optimiser is built); nothing in one process."""
+        if not dist.is_dist():
+            return
+        if self.head is not None:  # (not under fsdp: train() refuses critic=shared there)
+            self.wrapped = dist.wrap_model(self.head, mode, device)
+        else:
+            self.wrapped = dist.wrap_model(dist.ForwardFn(self.module, token_values), mode, device)
+
     def values(self, policy: nn.Module, ids: torch.Tensor, attn: torch.Tensor, start: int) -> torch.Tensor:
         if self.value_model is not None:
-            return token_values(self.value_model, ids, attn, start=start)
-        return shared_values(policy, self.head, ids, attn, start=start)  # type: ignore[arg-type]
+            return dist.call(self.wrapped, token_values, ids, attn, start=start)
+        # shared: only without gradients (rollout values); the update reads the head off the log-prob forward
+        return shared_values(dist.inner(policy), self.head, ids, attn, start=start)  # type: ignore[arg-type]
 
     def save(self, out: Path, tokenizer) -> None:
-        from alignrl.models import save_pretrained_atomic
+        """The trained critic (rank 0 writes; every rank calls)."""
+        from alignrl.models import atomic_dir
 
-        if self.value_model is not None:
-            save_pretrained_atomic(self.value_model.model, tokenizer, out / "value_model")
-        else:
-            torch.save(self.module.state_dict(), out / "value_head.pt")
+        if self.value_model is None:
+            if dist.is_main():
+                torch.save(self.module.state_dict(), out / "value_head.pt")
+            dist.barrier()
+            return
+        sd = dist.full_state_dict(self.wrapped)  # FSDP: gathered; keys of the ValueModel
+        if dist.is_main():
+            hf = {k.removeprefix("model."): v for k, v in sd.items() if k.startswith("model.")}
+            with atomic_dir(out / "value_model") as tmp:
+                self.value_model.model.save_pretrained(tmp, state_dict=hf, safe_serialization=True)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
+        dist.barrier()
 
 
 def train(cfg: PPOConfig) -> Path:
     """Run PPO; returns the final policy directory (the critic is saved next to it)."""
-    if dist.env_world_size() > 1:  # the critic reads the trunk outside a DDP/FSDP-wrapped forward
-        raise AlignRLError("ppo: multi-process (torchrun) runs are not supported yet; run PPO in one process")
+    if dist.env_world_size() > 1 and (0 < cfg.save_steps <= cfg.max_steps or cfg.resume):  # DCP: policy-only optim
+        raise AlignRLError("ppo: save_steps/resume are not supported in multi-process runs yet; set save_steps=0")
+    if dist.env_world_size() > 1 and cfg.distributed == "fsdp" and cfg.critic == "shared":
+        raise AlignRLError("critic=shared with distributed=fsdp is not supported; use critic=separate or ddp")
     run = loop.start_run(cfg)
     model, tok = loop.load_policy(cfg, run.device, rl=True)
+    policy = loop.wrap_policy(run, model)  # DDP / FSDP under torchrun; log-probs go through it
+    if dist.world_size() > 1 and cfg.prompts_per_step % dist.world_size():
+        raise AlignRLError(
+            f"prompts_per_step ({cfg.prompts_per_step}) must be divisible by the {dist.world_size()} processes"
+        )
     data = load_rows(cfg.train_file)
     require_columns(data, ["prompt"])
     fns = RewardFunctions(cfg.reward_funcs, cfg.reward_weights, set(data.rows[0]), cfg.train_file)
@@ -242,24 +288,30 @@ def train(cfg: PPOConfig) -> Path:
     if not is_peft(model):
         ref = load_causal_lm(cfg.model, cfg.dtype, run.device).eval().requires_grad_(False)
         disable_dropout(ref)
+        ref = loop.wrap_frozen(run, ref)
     critic = Critic(cfg, model, run.device)
+    critic.wrap(cfg.distributed, run.device)
     kl_ctl = kl_controller(cfg)
     run.extra.update(critic=critic, kl_controller=kl_ctl)  # what a checkpoint needs beyond the policy
     params = nn.ModuleList([model, critic.module])  # one optimiser and one gradient-norm clip for both
-    opt = loop.build_optimizer(params, cfg)
+    opt = loop.build_optimizer(params, cfg)  # after wrapping, before any forward (FSDP)
     sched = loop.build_scheduler(opt, cfg, cfg.max_steps * cfg.num_ppo_epochs * cfg.num_mini_batches)
     stream = checkpoint.ReplayStream(lambda: infinite_batches(len(data), cfg.prompts_per_step, random.Random(cfg.seed)))
     first = run.register(model, tok, optimizer=opt, scheduler=sched, data=stream, critic=critic.module, kl_ctl=kl_ctl)
     sampling = SamplingParams(cfg.max_completion_length, cfg.temperature, cfg.top_p, cfg.top_k)
+    G, N = cfg.num_generations, cfg.batch_size
     if eval_rows and first == 1:
-        run.metrics.log(0, {"eval_reward": _eval(model, tok, eval_rows, fns, cfg, run.device)})
+        run.metrics.log(0, {"eval_reward": _eval(policy, tok, eval_rows, fns, cfg, run.device)})
     for step in range(first, cfg.max_steps + 1):
         timer = loop.Timer()
         idx = next(stream)
-        with timer("generation"):
+        a, b = dist.shard_bounds(len(idx))  # this rank's prompts; sampling keyed by the index in the global batch
+        base = (cfg.seed * 1_000_003 + getattr(stream, "consumed", step)) * 1_000_003
+        with timer("generation"), dist.full_params(policy) as lm:
             scored = sample_and_score(
-                model, tok, [data.rows[i] for i in idx], [data.where(i) for i in idx], fns, sampling,
-                repeats=cfg.num_generations, max_prompt_length=cfg.max_prompt_length, device=run.device,
+                lm, tok, [data.rows[i] for i in idx[a:b]], [data.where(i) for i in idx[a:b]], fns, sampling,
+                repeats=G, max_prompt_length=cfg.max_prompt_length, device=run.device,
+                seeds=[base + j for j in range(a * G, b * G)],
             )  # fmt: skip
         ro = scored.rollout
         ids, attn, P = ro.input_ids, ro.attention_mask, ro.prompt_ids.shape[1]
@@ -270,45 +322,48 @@ def train(cfg: PPOConfig) -> Path:
             scores = scores - cfg.missing_eos_penalty * ro.truncated.float()
         with torch.no_grad(), loop.autocast(cfg, run.device):
             with timer("reference"), adapter_disabled(model) if ref is None else contextlib.nullcontext():
-                ref_logp, _ = token_logprobs(
-                    ref or model, ids, attn, ro.completion_mask, start=P, temperature=cfg.temperature,
+                ref_logp, _ = dist.logprobs(
+                    ref or policy, ids, attn, ro.completion_mask, start=P, temperature=cfg.temperature,
                     chunk_tokens=cfg.logprob_chunk_tokens,
                 )  # fmt: skip
             with timer("values"):
-                old_values = critic.values(model, ids, attn, P) * mask
+                old_values = critic.values(policy, ids, attn, P) * mask
         kl = kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * mask
         beta = kl_ctl.value
         rewards = token_rewards(scores, kl, mask, beta)
         adv, returns = advantages_and_returns(rewards, old_values, mask, cfg)
         batch = PPOBatch(ids, attn, P, mask, old_logp, old_values, adv, returns)
         with timer("update"):
-            stats = ppo_update(model, critic, params, opt, sched, cfg, batch, run.device, run=run)
+            stats = ppo_update(policy, critic, params, opt, sched, cfg, batch, run.device, run=run, seed=base)
         kl_seq = kl.sum(-1)
-        kl_ctl.update(float(kl_seq.mean()), cfg.batch_size)
+        kl_ctl.update(dist.all_reduce(float(kl_seq.sum())) / N, N)  # the global batch's mean KL
+
+        def total(x: torch.Tensor) -> float:  # Σ over the global batch
+            return dist.all_reduce(float(x.sum()))
+
+        score_sum, nonscore_sum = total(scores), total(-beta * kl)
         metrics = {
-            "objective/scores": float(scores.mean()),
-            "objective/non_score_reward": float((-beta * kl).sum(-1).mean()),
-            "objective/rlhf_reward": float(scores.mean() + (-beta * kl).sum(-1).mean()),
-            "objective/kl": float(((old_logp - ref_logp) * mask).sum(-1).mean()),
-            "objective/kl_k3": float((kl_estimate(old_logp, ref_logp, "k3") * mask).sum(-1).mean()),
+            "objective/scores": score_sum / N,
+            "objective/non_score_reward": nonscore_sum / N,
+            "objective/rlhf_reward": (score_sum + nonscore_sum) / N,
+            "objective/kl": total((old_logp - ref_logp) * mask) / N,
+            "objective/kl_k3": total(kl_estimate(old_logp, ref_logp, "k3") * mask) / N,
             "objective/entropy": stats.pop("entropy", 0.0),
             "kl_coef": beta,
-            "reward": float(scored.rewards.mean()),
-            **_reward_columns(scored.raw_rewards, fns),
-            "advantages/mean": float(masked_mean(adv, mask)),
-            "advantages/std": float(masked_var(adv, mask).sqrt()),
-            "returns/mean": float(masked_mean(returns, mask)),
-            "returns/std": float(masked_var(returns, mask).sqrt()),
-            "values/mean": float(masked_mean(old_values, mask)),
+            "reward": total(scored.rewards) / N,
+            **_reward_columns(dist.all_gather(scored.raw_rewards), fns),
+            **_mean_std("advantages", adv, mask),
+            **_mean_std("returns", returns, mask),
+            "values/mean": float(global_mean_var(old_values, mask)[0]),
             "val/explained_variance": explained_variance(old_values, returns, mask),
-            "completion_length/mean": float(mask.sum(-1).mean()),
-            "eos_rate": float(1 - ro.truncated.float().mean()),
+            "completion_length/mean": total(mask) / N,
+            "eos_rate": 1 - total(ro.truncated.float()) / N,
             **stats,
             "step_time": sum(timer.t.values()),
             **{f"time/{k}": v for k, v in timer.t.items()},
         }
         if eval_rows and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps):
-            metrics["eval_reward"] = _eval(model, tok, eval_rows, fns, cfg, run.device)
+            metrics["eval_reward"] = _eval(policy, tok, eval_rows, fns, cfg, run.device)
         if step % cfg.logging_steps == 0 or "eval_reward" in metrics:
             run.metrics.log(step, metrics)
             n = min(cfg.log_completions, len(scored.completions))
@@ -322,9 +377,15 @@ def train(cfg: PPOConfig) -> Path:
     return loop.finish(run, model, tok)
 
 
+def _mean_std(name: str, x: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    mean, var = global_mean_var(x, mask)
+    return {f"{name}/mean": float(mean), f"{name}/std": float(var.sqrt())}
+
+
 @dataclass
 class PPOBatch:
-    """One rollout batch, ready for the updates (token tensors are [B, C] over completion tokens)."""
+    """One rollout batch, ready for the updates (token tensors are [B, C] over completion tokens); under torchrun
+    this rank's contiguous part of the global batch."""
 
     input_ids: torch.Tensor  # [B, P + C] prompt + completion
     attention_mask: torch.Tensor
@@ -337,7 +398,7 @@ class PPOBatch:
 
 
 def ppo_update(
-    model: nn.Module,
+    policy: nn.Module,
     critic: Critic,
     params: nn.Module,
     opt: torch.optim.Optimizer,
@@ -346,41 +407,55 @@ def ppo_update(
     b: PPOBatch,
     device: torch.device,
     run: loop.Run | None = None,
+    seed: int = 0,
 ) -> dict[str, float]:
-    """num_ppo_epochs passes of num_mini_batches shuffled minibatches; returns token-weighted mean stats."""
+    """num_ppo_epochs passes of num_mini_batches shuffled minibatches; returns token-weighted mean stats.
+
+    The shuffles are permutations of the GLOBAL batch, the same on every rank (a generator keyed by `seed` and the
+    epoch); each rank runs its own rows of each minibatch and normalises by the minibatch's global token count,
+    so N ranks make the single-process update. `micro_batch_size` is per rank."""
     ids, attn, P, mask = b.input_ids, b.attention_mask, b.prompt_len, b.mask
     n = ids.shape[0]
-    mb = n // cfg.num_mini_batches
+    N = cfg.batch_size if dist.is_dist() else n
+    lo = dist.shard_bounds(N, cfg.num_generations)[0] if dist.is_dist() else 0
+    mb = N // cfg.num_mini_batches
     micro = cfg.micro_batch_size or mb
     sums: dict[str, list[float]] = {}
     first: dict[str, float] = {}
     upd: dict[str, float] = {}
+    model = dist.inner(policy)
     for epoch in range(cfg.num_ppo_epochs):
-        order = torch.randperm(n, device=ids.device)
+        order = torch.randperm(N, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         for k in range(cfg.num_mini_batches):
-            batch = order[k * mb : (k + 1) * mb]
-            n_tok = mask[batch].sum().clamp(min=1)
-            for s in range(0, mb, micro):
-                sel = batch[s : s + micro]
+            glob = order[k * mb : (k + 1) * mb]
+            local = (glob[(glob >= lo) & (glob < lo + n)] - lo).to(ids.device)  # this rank's rows of it
+            n_tok = dist.all_reduce(mask[local].sum()).clamp(min=1)
+            n_micro = dist.all_reduce(-(-len(local) // micro), "max")  # same number of forwards on every rank
+            for j in range(n_micro):
+                sel, weight = local[j * micro : (j + 1) * micro], 1.0
+                if len(sel) == 0:  # nothing left here: one row with weight 0 keeps the collectives in step
+                    sel, weight = torch.zeros(1, dtype=torch.long, device=ids.device), 0.0
                 m = mask[sel]
-                with loop.autocast(cfg, device), captured_hidden(model) as hidden:
-                    logp, ent = token_logprobs(
-                        model, ids[sel], attn[sel], m, start=P, temperature=cfg.temperature,
-                        with_entropy=epoch == 0, chunk_tokens=cfg.logprob_chunk_tokens,
+                last = j == n_micro - 1
+                with dist.grad_sync(policy, last), dist.grad_sync(critic.wrapped, last):
+                    with loop.autocast(cfg, device), captured_hidden(model) as hidden:
+                        logp, ent = dist.logprobs(
+                            policy, ids[sel], attn[sel], m, start=P, temperature=cfg.temperature,
+                            with_entropy=epoch == 0, chunk_tokens=cfg.logprob_chunk_tokens,
+                        )  # fmt: skip
+                        if critic.head is not None:  # reuse the trunk pass the log-probs just made
+                            values = critic.wrapped(hidden[-1][:, P - 1 : -1])
+                        else:
+                            values = critic.values(policy, ids[sel], attn[sel], P)
+                    loss, st = ppo_loss(
+                        logp, b.old_logp[sel], values, b.old_values[sel], b.advantages[sel], b.returns[sel], m,
+                        cfg, n_tok,
                     )  # fmt: skip
-                    if critic.head is not None:  # reuse the trunk pass the log-probs just made
-                        values = critic.head(hidden[-1][:, P - 1 : -1])
-                    else:
-                        values = critic.values(model, ids[sel], attn[sel], P)
-                loss, st = ppo_loss(
-                    logp, b.old_logp[sel], values, b.old_values[sel], b.advantages[sel], b.returns[sel], m,
-                    cfg, n_tok,
-                )  # fmt: skip
-                loss.backward()
-                w = float(m.sum())
+                    (loss * (weight * dist.grad_scale())).backward()
+                w = float(m.sum()) * weight
                 if ent is not None:
                     st["entropy"] = masked_mean(ent, m)
-                if epoch == 0 and k == 0 and s == 0:  # sanity: nothing has changed yet, so ρ = 1
+                if epoch == 0 and k == 0 and j == 0:  # sanity: nothing has changed yet, so ρ = 1
                     first = {f"policy/first_minibatch_{x}": float(st[x]) for x in ("ratio", "approx_kl_k1",
                                                                                    "clipfrac")}  # fmt: skip
                 for key, v in st.items():
@@ -388,6 +463,7 @@ def ppo_update(
                     acc[0] += float(v) * w
                     acc[1] += w
             upd = loop.optimizer_step(params, opt, sched, cfg, run=run)  # counts non-finite skips
+    sums = {k: [dist.all_reduce(s), dist.all_reduce(w)] for k, (s, w) in sorted(sums.items())}
     avg = {k: s / w if w else 0.0 for k, (s, w) in sums.items()}
     return {
         "loss/policy_avg": avg["policy_loss"],
@@ -408,8 +484,12 @@ def _reward_columns(raw: torch.Tensor, fns: RewardFunctions) -> dict[str, float]
     return {f"rewards/{name}/mean": float(raw[:, j].nanmean()) for j, name in enumerate(fns.names)}
 
 
-def _eval(model, tok, rows, fns, cfg: PPOConfig, device) -> float:
-    return evaluate(
-        model, tok, rows, fns, max_new_tokens=cfg.max_completion_length, max_prompt_length=cfg.max_prompt_length,
-        device=device,
-    )  # fmt: skip
+def _eval(policy, tok, rows, fns, cfg: PPOConfig, device) -> float:
+    """Mean greedy reward over `rows`; each rank evaluates its share."""
+    part = dist.shard(rows)
+    with dist.full_params(policy) as model:
+        mean = evaluate(
+            model, tok, part, fns, max_new_tokens=cfg.max_completion_length,
+            max_prompt_length=cfg.max_prompt_length, device=device,
+        ) if part else 0.0  # fmt: skip
+    return dist.all_reduce(mean * len(part)) / max(len(rows), 1)
