@@ -3,8 +3,10 @@ to the single-process update, generation with sharded parameters, final/ and sha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,11 +23,28 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 300) -> subprocess.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     for _ in range(2):  # one retry when the rendezvous port was taken by a concurrent job (not a test failure)
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        proc = _run_group(cmd, env, timeout)
         if proc.returncode == 0 or not any(e in proc.stderr for e in _PORT_ERRORS):
             break
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
+
+
+def _run_group(cmd: list[str], env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
+    """Run cmd in its own process group and kill the whole group afterwards, so a hung or timed-out run
+    leaves no orphaned torchrun workers behind."""
+    popen = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        out, err = popen.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        out, err = "", f"timed out after {timeout}s"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(popen.pid, signal.SIGKILL)
+        popen.wait()
+    return subprocess.CompletedProcess(cmd, popen.returncode, out, err)
 
 
 _PORT_ERRORS = ("Address already in use", "EADDRINUSE", "DistNetworkError", "RendezvousConnectionError")
