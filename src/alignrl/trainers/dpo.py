@@ -182,6 +182,37 @@ def load_pairs(cfg, tok, add_eos: bool = True):
     return train_ex, eval_ex, skipped
 
 
+def pair_update(
+    policy: nn.Module,
+    model: nn.Module,
+    micro: list[list[PreferenceExample]],
+    pair_step,
+    stat_keys: Sequence[str],
+    opt: torch.optim.Optimizer,
+    sched,
+    cfg: TrainConfig,
+    run: loop.Run,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """One optimizer update over accumulated micro-batches of pairs (shared by DPO and reward-model training).
+
+    `pair_step(part) -> (loss summed over the pairs, stat sums)`; the loss is the mean over all pairs of the
+    accumulated global batch: each rank takes its share of every micro-batch, gradients sync on the last one.
+    Returns the logged means of `stat_keys` (all-reduced) and the optimizer-step metrics."""
+    n_total = sum(len(b) for b in micro)
+    acc: dict[str, float] = {}
+    for i, b in enumerate(micro):
+        part, w = dist.local_part(b)  # this rank's pairs of the global micro-batch
+        with dist.grad_sync(policy, i == len(micro) - 1):
+            loss_sum, stats = pair_step(part)
+            (loss_sum * (w * dist.grad_scale() / n_total)).backward()
+        if w:
+            for k, v in stats.items():
+                acc[k] = acc.get(k, 0.0) + v
+    mean_loss = dist.all_reduce(acc.get("loss", 0.0)) / n_total  # global: every rank skips or steps alike
+    upd = loop.optimizer_step(model, opt, sched, cfg, loss=mean_loss, run=run)
+    return {k: dist.all_reduce(acc.get(k, 0.0)) / n_total for k in stat_keys}, upd
+
+
 def train(cfg: DPOConfig) -> Path:
     """Run DPO (or a family member); returns the final model directory."""
     run = loop.start_run(cfg)
@@ -204,21 +235,17 @@ def train(cfg: DPOConfig) -> Path:
     for step in range(first, cfg.max_steps + 1):
         timer = loop.Timer()
         micro = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
-        n_total = sum(len(b) for b in micro)  # the loss is the mean over all pairs of the accumulated batch
-        acc: dict[str, float] = {}
+
+        def pair_step(part: list[PreferenceExample]) -> tuple[torch.Tensor, dict[str, float]]:
+            with loop.autocast(cfg, run.device):
+                pc, pr = pair_logps(policy, part, pad, run.device, cfg.logprob_chunk_tokens)
+            losses, cr, rr = pair_losses(cfg, part, pc, pr)
+            acc: dict[str, float] = {}
+            _add_stats(acc, losses, cr, rr, pc, pr)
+            return losses.sum(), acc
+
         with timer("update"):
-            for i, b in enumerate(micro):
-                part, w = dist.local_part(b)  # this rank's pairs of the global micro-batch
-                with dist.grad_sync(policy, i == len(micro) - 1):
-                    with loop.autocast(cfg, run.device):
-                        pc, pr = pair_logps(policy, part, pad, run.device, cfg.logprob_chunk_tokens)
-                    losses, cr, rr = pair_losses(cfg, part, pc, pr)
-                    (losses.sum() * (w * dist.grad_scale() / n_total)).backward()
-                if w:
-                    _add_stats(acc, losses, cr, rr, pc, pr)
-            mean_loss = dist.all_reduce(acc.get("loss", 0.0)) / n_total  # global: every rank skips or steps alike
-            upd = loop.optimizer_step(model, opt, sched, cfg, loss=mean_loss, run=run)
-        metrics = {k: dist.all_reduce(acc.get(k, 0.0)) / n_total for k in _STAT_KEYS}
+            metrics, upd = pair_update(policy, model, micro, pair_step, _STAT_KEYS, opt, sched, cfg, run)
         metrics = metrics | upd | {"step_time": timer.t["update"]}
         if step == 1:
             metrics["skipped_rows"] = sum(skipped.values())

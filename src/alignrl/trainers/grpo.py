@@ -23,7 +23,7 @@ from alignrl.algos.utils import masked_mean
 from alignrl.config import TrainConfig
 from alignrl.data import infinite_batches, load_rows, require_columns
 from alignrl.errors import AlignRLError
-from alignrl.generation import SamplingParams
+from alignrl.generation import Rollout, SamplingParams
 from alignrl.models import adapter_disabled, is_peft, load_causal_lm
 from alignrl.rewards import RewardFunctions
 from alignrl.rollout import ScoredRollout, evaluate, sample_and_score
@@ -131,8 +131,6 @@ def _select_groups(s: ScoredRollout, keep_group: torch.Tensor, G: int) -> Scored
     keep = keep_group.repeat_interleave(G)
     r = s.rollout
     ki = keep.nonzero().squeeze(-1).tolist()
-    from alignrl.generation import Rollout
-
     sub = Rollout(
         *(
             t[keep.to(t.device)]
@@ -164,8 +162,6 @@ def _pad_to(t: torch.Tensor, width: int, value, left: bool) -> torch.Tensor:
 
 
 def _concat(parts: list[ScoredRollout], pad_id: int) -> ScoredRollout:
-    from alignrl.generation import Rollout
-
     P = max(p.rollout.prompt_ids.shape[1] for p in parts)
     C = max(p.rollout.completion_ids.shape[1] for p in parts)
     cat = lambda f, w, v, left: torch.cat([_pad_to(getattr(p.rollout, f), w, v, left) for p in parts])  # noqa: E731

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -363,6 +362,3 @@ class Timer:
         finally:
             self.t[name] = self.t.get(name, 0.0) + time.perf_counter() - t0
 
-
-def env_rank() -> int:
-    return int(os.environ.get("RANK", "0"))

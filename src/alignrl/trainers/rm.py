@@ -25,7 +25,7 @@ from alignrl.errors import AlignRLError
 from alignrl.models import disable_dropout, load_tokenizer
 from alignrl.rewards.reward_model import load_reward_model, pad_batch, reward_scores, rm_add_eos
 from alignrl.trainers import loop
-from alignrl.trainers.dpo import load_pairs, pair_batches
+from alignrl.trainers.dpo import load_pairs, pair_batches, pair_update
 
 
 @dataclass
@@ -133,22 +133,17 @@ def train(cfg: RMConfig) -> Path:
     for step in range(first, cfg.max_steps + 1):
         timer = loop.Timer()
         micro = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
-        n_total = sum(len(b) for b in micro)
-        acc: dict[str, float] = {}
+
+        def pair_step(part: list[PreferenceExample]) -> tuple[torch.Tensor, dict[str, float]]:
+            with loop.autocast(cfg, run.device):
+                rc, rr = pair_rewards(scorer, part, pad, run.device)
+            loss = bt_loss(cfg, part, rc, rr)  # mean over this part's pairs
+            acc: dict[str, float] = {}
+            _add_stats(acc, loss, rc, rr)
+            return loss * len(part), acc
+
         with timer("update"):
-            for i, micro_b in enumerate(micro):
-                b, w = dist.local_part(micro_b)  # this rank's pairs of the global micro-batch
-                with dist.grad_sync(scorer, i == len(micro) - 1):
-                    with loop.autocast(cfg, run.device):
-                        rc, rr = pair_rewards(scorer, b, pad, run.device)
-                    loss = bt_loss(cfg, b, rc, rr)
-                    # the mean over all pairs of the accumulated global batch
-                    (loss * (w * len(b) * dist.grad_scale() / n_total)).backward()
-                if w:
-                    _add_stats(acc, loss, rc, rr)
-            mean_loss = dist.all_reduce(acc.get("loss", 0.0)) / n_total  # global: every rank skips or steps alike
-            upd = loop.optimizer_step(model, opt, sched, cfg, loss=mean_loss, run=run)
-        metrics = {k: dist.all_reduce(acc.get(k, 0.0)) / n_total for k in _STAT_KEYS}
+            metrics, upd = pair_update(scorer, model, micro, pair_step, _STAT_KEYS, opt, sched, cfg, run)
         metrics = metrics | upd | {"step_time": timer.t["update"]}
         if step == 1:
             metrics["skipped_rows"] = sum(skipped.values())
