@@ -392,13 +392,18 @@ def save_final(policy: nn.Module, tokenizer: Any, out_dir: str | Path) -> None:
     barrier()
 
 
-def _dcp_state(policy: nn.Module, optimizer, modules: dict[str, nn.Module] | None) -> dict[str, Any]:
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+def _optim_owner(policy: nn.Module, modules: dict[str, nn.Module] | None) -> nn.Module:
+    """A module holding every parameter the optimiser may update: the policy and the extra modules (PPO's one
+    optimiser also steps the critic), so each optimiser entry gets a fully-qualified name."""
+    return nn.ModuleList([policy, *modules.values()]) if modules else policy
 
-    msd, osd = get_state_dict(policy, optimizer or [])
-    state: dict[str, Any] = {"model": msd}
+
+def _dcp_state(policy: nn.Module, optimizer, modules: dict[str, nn.Module] | None) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state: dict[str, Any] = {"model": get_model_state_dict(policy)}
     if optimizer is not None:
-        state["optim"] = osd
+        state["optim"] = get_optimizer_state_dict(_optim_owner(policy, modules), optimizer)
     for name, m in (modules or {}).items():
         state[f"module/{name}"] = get_model_state_dict(m)
     return state
@@ -427,13 +432,13 @@ def load_sharded(
     """Load what `save_sharded` wrote into the (wrapped) model, optimiser and modules, resharding as needed; all
     ranks call."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     state = _dcp_state(policy, optimizer, modules)
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(
-        policy, optimizer or [], model_state_dict=state["model"], optim_state_dict=state.get("optim", {})
-    )
+    set_model_state_dict(policy, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(_optim_owner(policy, modules), optimizer, state["optim"])
     for name, m in (modules or {}).items():
         set_model_state_dict(m, state[f"module/{name}"])
 

@@ -269,8 +269,6 @@ class Critic:
 
 def train(cfg: PPOConfig) -> Path:
     """Run PPO; returns the final policy directory (the critic is saved next to it)."""
-    if dist.env_world_size() > 1 and (0 < cfg.save_steps <= cfg.max_steps or cfg.resume):  # DCP: policy-only optim
-        raise AlignRLError("ppo: save_steps/resume are not supported in multi-process runs yet; set save_steps=0")
     if dist.env_world_size() > 1 and cfg.distributed == "fsdp" and cfg.critic == "shared":
         raise AlignRLError("critic=shared with distributed=fsdp is not supported; use critic=separate or ddp")
     run = loop.start_run(cfg)
