@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from alignrl.logprobs import position_ids_from_mask
 
@@ -20,6 +20,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    autocast: torch.dtype | None = None  # run the forwards under torch.autocast(dtype), as training does
 
 
 @dataclass
@@ -108,12 +109,16 @@ def generate(
 
     The loop runs under inference mode with preallocated token, log-prob and attention-mask buffers and no
     logits-processor chain; the returned tensors are ordinary (autograd-usable) tensors. (A preallocated
-    static KV cache was measured slower on CPU: attention then spans the whole buffer; see BENCHMARKS.md.)
+    static KV cache was measured slower on CPU: attention then spans the whole buffer; the cache here is
+    preallocated but attention reads only its filled part, see `_PreallocatedLayer` and BENCHMARKS.md.)
     """
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        # One autocast region around the whole loop: its cast cache converts each weight once per rollout,
+        # not once per token.
+        amp = torch.autocast(prompt_ids.device.type, params.autocast, enabled=params.autocast is not None)
+        with torch.inference_mode(), amp:
             u = _uniforms(seeds, params, prompt_ids.device)
             ids, logps, n = _sample_loop(model, prompt_ids, prompt_mask, params, eos_token_ids, pad_token_id, u)
     finally:
@@ -144,12 +149,42 @@ def _uniforms(seeds: Sequence[int] | None, params: SamplingParams, device) -> to
     return torch.stack([torch.rand(params.max_new_tokens, generator=g) for g in gens]).to(device)
 
 
+class _PreallocatedLayer(DynamicLayer):
+    """A DynamicLayer writing into a buffer sized for the whole generation and returning the filled prefix (a
+    view): appending a token copies that token, where torch.cat copied the whole cache (O(N²) bytes per row)."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.dtype, self.device = key_states.dtype, key_states.device
+            shape = (*key_states.shape[:2], self.capacity, key_states.shape[-1])
+            self._k = key_states.new_empty(shape)
+            self._v = value_states.new_empty((*shape[:3], value_states.shape[-1]))
+            self.is_initialized = True
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache overflow: {end} > {self.capacity} positions")
+        self._k[:, :, self.length : end] = key_states
+        self._v[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        self.length = 0
+        super().reset()
+
+
 def _sample_loop(model, prompt_ids, prompt_mask, params: SamplingParams, eos_token_ids, pad_token_id, u=None):
     device = prompt_ids.device
     batch, P = prompt_ids.shape
     N = params.max_new_tokens
     eos = torch.tensor(list(eos_token_ids), device=device)
-    cache = DynamicCache()
+    cache = Cache(layer_class_to_replicate=lambda: _PreallocatedLayer(P + N))  # type: ignore[arg-type]
     attn = torch.ones((batch, P + N), dtype=prompt_mask.dtype, device=device)
     attn[:, :P] = prompt_mask
     tokens = torch.full((batch, N), pad_token_id, dtype=torch.long, device=device)
