@@ -147,3 +147,49 @@ def test_unpadded_batch_skips_mask_and_matches_training_path(tiny_model):
     lp, _ = token_logprobs(model, ro.input_ids, ro.attention_mask, ro.completion_mask, start=ids.shape[1],
                            temperature=0.8)  # fmt: skip
     torch.testing.assert_close(lp, ro.logprobs, atol=1e-5, rtol=0)
+
+
+def _gqa_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_cpu_decode_attention_equals_sdpa_path(monkeypatch):
+    """The CPU decode attention (grouped KV heads, float32 cache views, padding mask) samples exactly what the
+    model's own SDPA attention samples, and leaves the model on SDPA afterwards."""
+    import contextlib
+
+    import alignrl.generation as g
+
+    model = _gqa_model()
+    ids, mask = left_pad([[5, 6, 7, 8, 9], [3, 4], [10, 11, 12]], 0)
+    params = SamplingParams(16, temperature=1.0)
+    fast = generate(model, ids, mask, params, [49], 0, seeds=[1, 2, 3])
+    assert model.config._attn_implementation == "sdpa"
+    monkeypatch.setattr(g, "_decode_attention_on", lambda m: contextlib.nullcontext(False))
+    slow = generate(model, ids, mask, params, [49], 0, seeds=[1, 2, 3])
+    assert torch.equal(fast.completion_ids, slow.completion_ids)
+    torch.testing.assert_close(fast.logprobs, slow.logprobs, atol=1e-5, rtol=0)
+    lp, _ = token_logprobs(model, fast.input_ids, fast.attention_mask, fast.completion_mask, start=ids.shape[1])
+    torch.testing.assert_close(lp, fast.logprobs, atol=1e-5, rtol=0)
+
+
+def test_bf16_sampling_keeps_float32_weights():
+    """autocast=bf16 samples with bf16 weights (cast once per call) and gives the float32 weights back untouched;
+    its log-probs are those of the bf16-autocast training pass up to bf16 rounding."""
+    model = _gqa_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids, mask = left_pad([[5, 6, 7, 8, 9], [3, 4]], 0)
+    ro = generate(model, ids, mask, SamplingParams(12, autocast=torch.bfloat16), [49], 0, seeds=[1, 2])
+    after = model.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+    with torch.autocast("cpu", torch.bfloat16):
+        lp, _ = token_logprobs(model, ro.input_ids, ro.attention_mask, ro.completion_mask, start=ids.shape[1])
+    full, _ = token_logprobs(model, ro.input_ids, ro.attention_mask, ro.completion_mask, start=ids.shape[1])
+    err_bf16 = (lp - ro.logprobs).abs().max()
+    assert err_bf16 < 0.05
+    assert (full - ro.logprobs).abs().max() > 0  # it really sampled in bf16

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from alignrl.logprobs import position_ids_from_mask
+from alignrl.models import unwrap
 
 
 @dataclass
@@ -115,12 +120,13 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        # One autocast region around the whole loop: its cast cache converts each weight once per rollout,
-        # not once per token.
         amp = torch.autocast(prompt_ids.device.type, params.autocast, enabled=params.autocast is not None)
-        with torch.inference_mode(), amp:
+        with torch.inference_mode(), _weights_in(model, params.autocast), _decode_attention_on(model) as fp32_kv, amp:
             u = _uniforms(seeds, params, prompt_ids.device)
-            ids, logps, n = _sample_loop(model, prompt_ids, prompt_mask, params, eos_token_ids, pad_token_id, u)
+            kv_dtype = torch.float32 if fp32_kv else None
+            ids, logps, n = _sample_loop(
+                model, prompt_ids, prompt_mask, params, eos_token_ids, pad_token_id, u, kv_dtype
+            )
     finally:
         model.train(was_training)
     completion_ids = ids[:, :n].clone()  # clone: leave inference mode so training may use these tensors
@@ -141,6 +147,24 @@ def generate(
     )
 
 
+@contextlib.contextmanager
+def _weights_in(model: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
+    """Float32 parameters held in `dtype` for the sampling loop and restored after it. Autocast alone recasts
+    every weight at every token (its cast cache does not live through inference mode or HF's nested autocast
+    regions); one cast per rollout costs one extra copy of the weights in `dtype` while sampling."""
+    if dtype is None:
+        yield
+        return
+    kept = [(p, p.data) for p in model.parameters() if p.dtype == torch.float32]
+    try:
+        for p, data in kept:
+            p.data = data.to(dtype)
+        yield
+    finally:
+        for p, data in kept:
+            p.data = data
+
+
 def _uniforms(seeds: Sequence[int] | None, params: SamplingParams, device) -> torch.Tensor | None:
     """[B, max_new_tokens] uniforms, row i from a CPU generator seeded with seeds[i]."""
     if seeds is None:
@@ -149,21 +173,69 @@ def _uniforms(seeds: Sequence[int] | None, params: SamplingParams, device) -> to
     return torch.stack([torch.rand(params.max_new_tokens, generator=g) for g in gens]).to(device)
 
 
+DECODE_ATTENTION = "alignrl_decode"
+
+
+def _decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention for one new token per row as two batched matmuls straight on the KV-cache views, grouped by KV
+    head (no repeat_kv copy), in the cache's dtype (float32: CPU bf16 batched matmuls copy strided operands
+    first, and CPU SDPA spends more on a 1-token query than on the work). Prompts (several query tokens) and
+    models with logit soft-capping, sinks or sliding windows take the SDPA path."""
+    dtype = query.dtype
+    special = any(kwargs.get(k) is not None for k in ("softcap", "s_aux", "sliding_window"))
+    if query.shape[2] != 1 or dropout or special:
+        q = query.to(key.dtype)
+        out, w = sdpa_attention_forward(module, q, key, value, attention_mask, scaling=scaling, **kwargs)
+        return out.to(dtype), w
+    B, H, _, D = query.shape
+    Hk, L = key.shape[1], key.shape[2]
+    with torch.autocast(query.device.type, enabled=False):  # autocast would cast the cache views to bf16
+        q = query.to(key.dtype).reshape(B * Hk, H // Hk, D) * (scaling if scaling is not None else D**-0.5)
+        scores = torch.bmm(q, key.flatten(0, 1).transpose(1, 2)).view(B, Hk, -1, L)
+        if attention_mask is not None:  # SDPA-style: bool (True = attend) or additive float, [B, 1, 1, L]
+            mask = attention_mask[..., -L:].reshape(B, 1, 1, L)
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        probs = scores.softmax(-1).view(B * Hk, -1, L)
+        out = torch.bmm(probs, value.flatten(0, 1)).view(B, H, 1, value.shape[-1])
+    return out.transpose(1, 2).to(dtype), None
+
+
+AttentionInterface.register(DECODE_ATTENTION, _decode_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(DECODE_ATTENTION, sdpa_mask)
+
+
+@contextlib.contextmanager
+def _decode_attention_on(model: nn.Module) -> Iterator[bool]:
+    """Route an SDPA model's attention through `_decode_attention` for the sampling loop (CPU only: there it
+    was measured faster; GPU SDPA kernels handle 1-token queries well). Yields whether it did."""
+    lm = unwrap(model)
+    cfg = getattr(lm, "config", None)
+    if getattr(cfg, "_attn_implementation", None) != "sdpa" or next(lm.parameters()).device.type != "cpu":
+        yield False
+        return
+    lm.set_attn_implementation(DECODE_ATTENTION)
+    try:
+        yield True
+    finally:
+        lm.set_attn_implementation("sdpa")
+
+
 class _PreallocatedLayer(DynamicLayer):
     """A DynamicLayer writing into a buffer sized for the whole generation and returning the filled prefix (a
-    view): appending a token copies that token, where torch.cat copied the whole cache (O(N²) bytes per row)."""
+    view): appending a token copies that token, where torch.cat copied the whole cache (O(N²) bytes per row).
+    `dtype` overrides the dtype keys and values are kept in."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, dtype: torch.dtype | None = None):
         super().__init__()
-        self.capacity = capacity
+        self.capacity, self.store_dtype = capacity, dtype
         self.length = 0
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
-            self.dtype, self.device = key_states.dtype, key_states.device
-            shape = (*key_states.shape[:2], self.capacity, key_states.shape[-1])
-            self._k = key_states.new_empty(shape)
-            self._v = value_states.new_empty((*shape[:3], value_states.shape[-1]))
+            self.dtype, self.device = self.store_dtype or key_states.dtype, key_states.device
+            B, H, _, D = key_states.shape
+            self._k = key_states.new_empty((B, H, self.capacity, D), dtype=self.dtype)
+            self._v = value_states.new_empty((B, H, self.capacity, value_states.shape[-1]), dtype=self.dtype)
             self.is_initialized = True
         end = self.length + key_states.shape[-2]
         if end > self.capacity:
@@ -179,12 +251,12 @@ class _PreallocatedLayer(DynamicLayer):
         super().reset()
 
 
-def _sample_loop(model, prompt_ids, prompt_mask, params: SamplingParams, eos_token_ids, pad_token_id, u=None):
+def _sample_loop(model, prompt_ids, prompt_mask, params: SamplingParams, eos_token_ids, pad_token_id, u, kv_dtype):
     device = prompt_ids.device
     batch, P = prompt_ids.shape
     N = params.max_new_tokens
     eos = torch.tensor(list(eos_token_ids), device=device)
-    cache = Cache(layer_class_to_replicate=lambda: _PreallocatedLayer(P + N))  # type: ignore[arg-type]
+    cache = Cache(layer_class_to_replicate=lambda: _PreallocatedLayer(P + N, kv_dtype))  # type: ignore[arg-type]
     attn = torch.ones((batch, P + N), dtype=prompt_mask.dtype, device=device)
     attn[:, :P] = prompt_mask
     tokens = torch.full((batch, N), pad_token_id, dtype=torch.long, device=device)

@@ -53,7 +53,7 @@ class GRPOConfig(TrainConfig):
     beta: float = 0.0  # KL coefficient; 0 loads no reference model
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     num_iterations: int = 1  # policy updates per rollout batch
-    micro_batch_size: int = 0  # sequences per forward/backward in the update; 0 = all at once
+    micro_batch_size: int = 8  # sequences per forward/backward in the update and reference pass; 0 = all at once
     mask_truncated_completions: bool = False
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, resample to refill
     dynamic_sampling_max_rounds: int = 4
@@ -91,7 +91,7 @@ def rollout_batch(
     """Sample and score this rank's share of one batch (whole groups; everything in one process); with dynamic
     sampling keep only groups with reward spread, refilling. Each sample's sampling noise is keyed by (seed,
     batch number, index in the global batch), so the completions do not depend on how the batch is split."""
-    params = SamplingParams(cfg.max_completion_length, cfg.temperature, cfg.top_p, cfg.top_k)
+    params = SamplingParams(cfg.max_completion_length, cfg.temperature, cfg.top_p, cfg.top_k, loop.autocast_dtype(cfg))
     G = cfg.num_generations
     kept: list[ScoredRollout] = []
     n_groups, dropped, rounds = 0, 0, 0
@@ -225,22 +225,25 @@ def train(cfg: GRPOConfig) -> Path:
             mask = mask * (~ro.truncated).float()[:, None]
         P = ro.prompt_ids.shape[1]
         ids, attn = ro.input_ids, ro.attention_mask
+        n = ids.shape[0]
+        mb = cfg.micro_batch_size or n
         ref_logp = None
         if cfg.beta > 0:
             with timer("reference"), torch.no_grad(), loop.autocast(cfg, run.device):
                 ctx = adapter_disabled(model) if ref is None else contextlib.nullcontext()
                 with ctx:
-                    ref_logp, _ = dist.logprobs(
-                        ref or policy,
-                        ids,
-                        attn,
-                        ro.completion_mask,
-                        start=P,
-                        temperature=cfg.temperature,
-                        chunk_tokens=cfg.logprob_chunk_tokens,
-                    )
-        n = ids.shape[0]
-        mb = cfg.micro_batch_size or n
+                    ref_logp = torch.cat([
+                        dist.logprobs(
+                            ref or policy,
+                            ids[s : s + mb],
+                            attn[s : s + mb],
+                            ro.completion_mask[s : s + mb],
+                            start=P,
+                            temperature=cfg.temperature,
+                            chunk_tokens=cfg.logprob_chunk_tokens,
+                        )[0]
+                        for s in range(0, n, mb)
+                    ])  # fmt: skip
         # global normalisers, so that summing micro-batch losses equals the full-batch loss
         norms = {
             "num_tokens": dist.all_reduce(mask.sum()).clamp(min=1),

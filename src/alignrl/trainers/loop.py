@@ -194,6 +194,11 @@ def wrap_frozen(run: Run, model: nn.Module) -> nn.Module:
     return dist.wrap_model(dist.PolicyLogProbs(model), mode, run.device)
 
 
+def autocast_dtype(cfg: TrainConfig) -> torch.dtype | None:
+    """The mixed-precision dtype of forward passes (None: the model's own)."""
+    return None if cfg.autocast == "none" else DTYPES[cfg.autocast]
+
+
 def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
     """bf16/fp16 autocast for forward passes when configured, else a no-op."""
     if cfg.autocast == "none":

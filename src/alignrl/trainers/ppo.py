@@ -81,7 +81,7 @@ class PPOConfig(TrainConfig):
     # updates
     num_ppo_epochs: int = 4  # passes over each rollout batch
     num_mini_batches: int = 1  # optimizer steps per pass (the batch is split into this many shuffled parts)
-    micro_batch_size: int = 0  # sequences per forward/backward inside a minibatch; 0 = the whole minibatch
+    micro_batch_size: int = 8  # sequences per forward/backward inside a minibatch; 0 = the whole minibatch
     cliprange: float = 0.2  # ε of the clipped policy loss
     cliprange_value: float = 0.2  # c_v of the clipped value loss
     dual_clip: float | None = None  # c > 1 caps the loss of negative-advantage tokens (typically 3)
@@ -296,7 +296,9 @@ def train(cfg: PPOConfig) -> Path:
     sched = loop.build_scheduler(opt, cfg, cfg.max_steps * cfg.num_ppo_epochs * cfg.num_mini_batches)
     stream = checkpoint.ReplayStream(lambda: infinite_batches(len(data), cfg.prompts_per_step, random.Random(cfg.seed)))
     first = run.register(model, tok, optimizer=opt, scheduler=sched, data=stream, critic=critic.module, kl_ctl=kl_ctl)
-    sampling = SamplingParams(cfg.max_completion_length, cfg.temperature, cfg.top_p, cfg.top_k)
+    sampling = SamplingParams(
+        cfg.max_completion_length, cfg.temperature, cfg.top_p, cfg.top_k, loop.autocast_dtype(cfg)
+    )
     G, N = cfg.num_generations, cfg.batch_size
     if eval_rows and first == 1:
         run.metrics.log(0, {"eval_reward": _eval(policy, tok, eval_rows, fns, cfg, run.device)})
