@@ -230,6 +230,19 @@ def test_ppo_first_minibatch_ratio_one_and_learns(tiny_model, tmp_path) -> None:
     assert (final / "config.json").is_file() and (tmp_path / "run" / "value_model" / "config.json").is_file()
 
 
+def test_ppo_bf16_autocast_rollout_logprobs_near_training_pass(tiny_model, tmp_path) -> None:
+    """Under bf16 autocast the rollout samples with bf16 linear weights, the reference holds them in bf16: the
+    first minibatch's ratio is 1 up to bf16 rounding of the two forward paths, nowhere near the clip range."""
+    args = _setup(tmp_path) + [
+        f"model={tiny_model}", f"output_dir={tmp_path / 'run'}", "max_steps=2", "prompts_per_step=4",
+        "num_generations=2", "max_completion_length=6", "autocast=bfloat16", "learning_rate=1e-2",
+    ]  # fmt: skip
+    ppo.train(load_config(ppo.PPOConfig, None, args))
+    for m in _metrics(tmp_path / "run"):
+        assert m["policy/first_minibatch_ratio"] == pytest.approx(1.0, abs=0.02)
+        assert m["policy/first_minibatch_clipfrac"] == 0.0
+
+
 def test_ppo_shared_critic_lora_adaptive_kl(tiny_model, tmp_path) -> None:
     """Shared-trunk value head, LoRA policy (reference = adapter off) and the adaptive KL controller run."""
     args = _setup(tmp_path) + [

@@ -118,6 +118,7 @@ def _length_reward_file(tmp_path):
             "overlong_cache=2",
         ),
         ("advantage_estimator=rloo", "dynamic_sampling=true", "lora_r=4", "beta=0.1"),
+        ("autocast=bfloat16", "beta=0.04", "micro_batch_size=0"),  # bf16 sampling, bf16-weight reference
     ],
 )
 def test_grpo_steps_change_parameters_and_log_rewards(tiny_model, tmp_path, extra):

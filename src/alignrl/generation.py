@@ -14,7 +14,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from alignrl.logprobs import position_ids_from_mask
-from alignrl.models import unwrap
+from alignrl.models import cast_linear_weights, unwrap
 
 
 @dataclass
@@ -149,16 +149,14 @@ def generate(
 
 @contextlib.contextmanager
 def _weights_in(model: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
-    """Float32 parameters held in `dtype` for the sampling loop and restored after it. Autocast alone recasts
-    every weight at every token (its cast cache does not live through inference mode or HF's nested autocast
-    regions); one cast per rollout costs one extra copy of the weights in `dtype` while sampling."""
+    """Linear weights held in the autocast dtype for the sampling loop and restored after it: autocast alone
+    recasts every weight at every token (its cast cache does not work under inference mode), for the same
+    numbers. Costs one copy of those weights in `dtype` while sampling."""
     if dtype is None:
         yield
         return
-    kept = [(p, p.data) for p in model.parameters() if p.dtype == torch.float32]
+    kept = cast_linear_weights(model, dtype)
     try:
-        for p, data in kept:
-            p.data = data.to(dtype)
         yield
     finally:
         for p, data in kept:

@@ -120,6 +120,21 @@ def load_causal_lm(path: str, dtype: str = "float32", device: torch.device | str
     return model.to(device)
 
 
+def cast_linear_weights(model: nn.Module, dtype: torch.dtype) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """Hold the float32 weights and biases of nn.Linear layers in `dtype`: the numbers autocast(dtype) computes
+    with at every forward, cast once. Parameters shared with other modules (tied embeddings) are left alone.
+    Returns (parameter, float32 data) pairs, to restore with `p.data = data`."""
+    other = {id(p) for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
+    kept = []
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            for p in m.parameters(recurse=False):
+                if p.dtype == torch.float32 and id(p) not in other:
+                    kept.append((p, p.data))
+                    p.data = p.data.to(dtype)
+    return kept
+
+
 def disable_dropout(model: nn.Module) -> None:
     """Set every dropout probability to 0 (RL needs identical forwards for ratios and KL)."""
     for m in model.modules():

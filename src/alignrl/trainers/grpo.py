@@ -24,7 +24,7 @@ from alignrl.config import TrainConfig
 from alignrl.data import infinite_batches, load_rows, require_columns
 from alignrl.errors import AlignRLError
 from alignrl.generation import Rollout, SamplingParams
-from alignrl.models import adapter_disabled, is_peft, load_causal_lm
+from alignrl.models import adapter_disabled, is_peft
 from alignrl.rewards import RewardFunctions
 from alignrl.rollout import ScoredRollout, evaluate, sample_and_score
 from alignrl.trainers import loop
@@ -53,7 +53,7 @@ class GRPOConfig(TrainConfig):
     beta: float = 0.0  # KL coefficient; 0 loads no reference model
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     num_iterations: int = 1  # policy updates per rollout batch
-    micro_batch_size: int = 8  # sequences per forward/backward in the update and reference pass; 0 = all at once
+    micro_batch_size: int = 4  # sequences per forward/backward in the update and reference pass; 0 = all at once
     mask_truncated_completions: bool = False
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, resample to refill
     dynamic_sampling_max_rounds: int = 4
@@ -198,7 +198,7 @@ def train(cfg: GRPOConfig) -> Path:
     eval_rows = load_rows(cfg.eval_file).rows if cfg.eval_file else None
     ref = None
     if cfg.beta > 0 and not is_peft(model):
-        ref = loop.wrap_frozen(run, load_causal_lm(cfg.model, cfg.dtype, run.device).eval().requires_grad_(False))
+        ref = loop.load_reference(run, cfg.model)
     opt = loop.build_optimizer(model, cfg)
     sched = loop.build_scheduler(opt, cfg, cfg.max_steps * cfg.num_iterations)
     stream = checkpoint.ReplayStream(lambda: infinite_batches(len(data), cfg.prompts_per_step, random.Random(cfg.seed)))

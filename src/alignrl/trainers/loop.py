@@ -24,6 +24,7 @@ from alignrl.errors import AlignRLError
 from alignrl.models import (
     DTYPES,
     apply_lora,
+    cast_linear_weights,
     disable_dropout,
     load_causal_lm,
     load_tokenizer,
@@ -186,6 +187,18 @@ def wrap_policy(run: Run, model: nn.Module, fn: Any = None) -> nn.Module:
     if dist.is_dist():
         dist.seed_rank_rng(run.cfg.seed)
     return run.policy
+
+
+def load_reference(run: Run, path: str) -> nn.Module:
+    """The frozen reference policy, ready for `dist.logprobs`: no dropout, linear weights held in the autocast
+    dtype when one is set (what autocast computes with anyway: half the memory, no cast per forward; not under
+    FSDP, which shards one dtype per module), sharded like the policy under FSDP."""
+    ref = load_causal_lm(path, run.cfg.dtype, run.device).eval().requires_grad_(False)
+    disable_dropout(ref)
+    dtype = autocast_dtype(run.cfg)
+    if dtype is not None and not (dist.is_dist() and run.cfg.distributed == "fsdp"):
+        cast_linear_weights(ref, dtype)
+    return wrap_frozen(run, ref)
 
 
 def wrap_frozen(run: Run, model: nn.Module) -> nn.Module:

@@ -30,7 +30,7 @@ from alignrl.config import TrainConfig
 from alignrl.data import infinite_batches, load_rows, require_columns
 from alignrl.errors import AlignRLError
 from alignrl.generation import SamplingParams
-from alignrl.models import adapter_disabled, disable_dropout, is_peft, load_causal_lm, unwrap
+from alignrl.models import adapter_disabled, is_peft, unwrap
 from alignrl.rewards import RewardFunctions
 from alignrl.rollout import evaluate, sample_and_score
 from alignrl.trainers import loop
@@ -81,7 +81,7 @@ class PPOConfig(TrainConfig):
     # updates
     num_ppo_epochs: int = 4  # passes over each rollout batch
     num_mini_batches: int = 1  # optimizer steps per pass (the batch is split into this many shuffled parts)
-    micro_batch_size: int = 8  # sequences per forward/backward inside a minibatch; 0 = the whole minibatch
+    micro_batch_size: int = 4  # sequences per forward/backward inside a minibatch; 0 = the whole minibatch
     cliprange: float = 0.2  # ε of the clipped policy loss
     cliprange_value: float = 0.2  # c_v of the clipped value loss
     dual_clip: float | None = None  # c > 1 caps the loss of negative-advantage tokens (typically 3)
@@ -284,9 +284,7 @@ def train(cfg: PPOConfig) -> Path:
     eval_rows = load_rows(cfg.eval_file).rows if cfg.eval_file else None
     ref = None
     if not is_peft(model):
-        ref = load_causal_lm(cfg.model, cfg.dtype, run.device).eval().requires_grad_(False)
-        disable_dropout(ref)
-        ref = loop.wrap_frozen(run, ref)
+        ref = loop.load_reference(run, cfg.model)
     critic = Critic(cfg, model, run.device)
     critic.wrap(cfg.distributed, run.device)
     kl_ctl = kl_controller(cfg)
