@@ -30,9 +30,24 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 300) -> subprocess.
     return proc
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc): torchrun starts its workers in sessions of their own."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
 def _run_group(cmd: list[str], env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
-    """Run cmd in its own process group and kill the whole group afterwards, so a hung or timed-out run
-    leaves no orphaned torchrun workers behind."""
+    """Run cmd in its own process group and kill it and all its descendants afterwards, so a hung or timed-out
+    run leaves no orphaned torchrun workers behind."""
     popen = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
     )
@@ -40,6 +55,9 @@ def _run_group(cmd: list[str], env: dict[str, str], timeout: int) -> subprocess.
         out, err = popen.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         out, err = "", f"timed out after {timeout}s"
+        for pid in _descendants(popen.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(popen.pid, signal.SIGKILL)

@@ -40,12 +40,14 @@ def run_training(algo: str, config: str | None, overrides: list[str]):
         raise AlignRLError(f"unknown algorithm {algo!r} (choose from {', '.join(sorted(ALGORITHMS))})")
     module_name, cls_name = ALGORITHMS[algo]
     module = importlib.import_module(module_name)
-    from alignrl.distributed import MULTI_PROCESS_ALGORITHMS, env_world_size
+    from alignrl.distributed import MULTI_PROCESS_ALGORITHMS, env_world_size, shutdown
 
     if env_world_size() > 1 and algo not in MULTI_PROCESS_ALGORITHMS:
         raise AlignRLError(f"{algo}: multi-process (torchrun) runs are not supported yet; run it in one process")
     cfg = load_config(getattr(module, cls_name), config, overrides)
-    return module.train(cfg)
+    final = module.train(cfg)
+    shutdown()  # torchrun: leave the process group now that train() and its DDP/FSDP wrappers are gone
+    return final
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ Conventions every trainer follows (see docs/distributed.md):
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -88,8 +89,12 @@ def init(mode: str, device: str = "auto") -> torch.device:
 
 
 def shutdown() -> None:
-    """Destroy the process group (end of a torchrun job)."""
+    """Leave the process group at the end of a torchrun job, after the trainer returned: its DDP/FSDP wrappers
+    are collected while the group still exists, and every rank has finished before any rank destroys it
+    (destroying it under a live DDP wrapper, or while a peer still used it, hung a gloo rank ~1 run in 8)."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -362,8 +362,7 @@ def finish(run: Run, model: nn.Module, tokenizer: Any) -> Path:
         dist.save_final(run.policy, tokenizer, final)  # rank 0 writes the consolidated weights
     else:
         save_pretrained_atomic(model, tokenizer, final)
-    dist.shutdown()  # end of a torchrun job: leave the process group (no-op in one process)
-    return final
+    return final  # (under torchrun the CLI leaves the process group once train() and its wrappers are gone)
 
 
 class Timer:
