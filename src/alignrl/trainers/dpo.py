@@ -22,7 +22,6 @@ from alignrl.algos.preference import REFERENCE_FREE_LOSSES, preference_loss
 from alignrl.config import TrainConfig
 from alignrl.data import PreferenceExample, length_grouped_batches, load_preference_examples, load_rows, split_eval
 from alignrl.errors import AlignRLError
-from alignrl.models import load_causal_lm
 from alignrl.trainers import loop
 
 
@@ -223,7 +222,7 @@ def train(cfg: DPOConfig) -> Path:
     pad = tok.pad_token_id
     if cfg.loss_type not in REFERENCE_FREE_LOSSES:
         # the reference is the starting policy (LoRA: its base) unless ref_model names another model
-        ref = loop.wrap_frozen(run, load_causal_lm(cfg.ref_model, cfg.dtype, run.device)) if cfg.ref_model else policy
+        ref = loop.load_reference(run, cfg.ref_model) if cfg.ref_model else policy
         cache_reference_logps(ref, train_ex + eval_ex, pad, run.device, cfg)
         del ref
     sched = loop.build_scheduler(opt, cfg, cfg.max_steps)
