@@ -25,10 +25,9 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_alignrl_grpo(spec: dict) -> dict:
-    from alignrl.trainers import grpo
-
-    cfg = grpo.GRPOConfig(
+def _alignrl_common(spec: dict) -> dict:
+    """alignrl config fields shared by every workload (the twin of `_trl_common`)."""
+    return dict(
         model=spec["model"],
         output_dir=spec["out_dir"],
         train_file=spec["data"],
@@ -37,6 +36,22 @@ def run_alignrl_grpo(spec: dict) -> dict:
         learning_rate=1e-6,
         lr_scheduler="constant",
         max_steps=spec["warmup"] + spec["steps"],
+        autocast="bfloat16" if spec["precision"] == "bf16" else "none",
+        progress_bar=False,
+    )
+
+
+def _timed_rows(spec: dict) -> list[dict]:
+    """The timed steps (after warm-up) of an alignrl run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (Path(spec["out_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["step"] > spec["warmup"] and "step_time" in r]
+
+
+def run_alignrl_grpo(spec: dict) -> dict:
+    from alignrl.trainers import grpo
+
+    cfg = grpo.GRPOConfig(
+        **_alignrl_common(spec),
         prompts_per_step=spec["prompts"],
         num_generations=spec["G"],
         max_prompt_length=512,
@@ -46,15 +61,12 @@ def run_alignrl_grpo(spec: dict) -> dict:
         beta=spec["beta"],
         loss_aggregation="token_mean",
         scale_rewards="group",
-        autocast="bfloat16" if spec["precision"] == "bf16" else "none",
-        progress_bar=False,
         log_completions=0,
         micro_batch_size=spec.get("micro_batch", 0),
     )
     base = rss_now()
     grpo.train(cfg)
-    rows = [json.loads(line) for line in (Path(spec["out_dir"]) / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if r["step"] > spec["warmup"] and "step_time" in r]
+    rows = _timed_rows(spec)
     lengths = [r["completion_length/mean"] for r in rows]
     assert all(v == spec["length"] for v in lengths), f"completions not full length: {lengths}"
     return {
@@ -189,28 +201,18 @@ def run_alignrl_dpo(spec: dict) -> dict:
     from alignrl.trainers import dpo
 
     cfg = dpo.DPOConfig(
-        model=spec["model"],
-        output_dir=spec["out_dir"],
-        train_file=spec["data"],
-        device="cpu",
-        seed=0,
-        learning_rate=1e-6,
-        lr_scheduler="constant",
-        max_steps=spec["warmup"] + spec["steps"],
+        **_alignrl_common(spec),
         batch_size=spec["batch"] // spec.get("accum", 1),  # same pairs per optimizer step as TRL's batch
         gradient_accumulation_steps=spec.get("accum", 1),
         eval_batch_size=spec.get("ref_batch", 32),  # pairs per forward of the one-off reference pass
         beta=spec["beta"],
         max_length=spec["max_length"],
-        autocast="bfloat16" if spec["precision"] == "bf16" else "none",
-        progress_bar=False,
     )
     base = rss_now()
     t0 = time.perf_counter()
     dpo.train(cfg)
     total = time.perf_counter() - t0
-    rows = [json.loads(line) for line in (Path(spec["out_dir"]) / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if r["step"] > spec["warmup"] and "step_time" in r]
+    rows = _timed_rows(spec)
     return {"step": [r["step_time"] for r in rows], "rss_before": base, "total": total}
 
 
