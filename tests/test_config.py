@@ -62,3 +62,10 @@ def test_invalid_yaml_names_line(tmp_path):
 
 def test_parse_overrides_yaml_scalars():
     assert parse_overrides(["a=1", "b=true", "c=x", "d=[1,2]"]) == {"a": 1, "b": True, "c": "x", "d": [1, 2]}
+
+
+def test_grpo_micro_batch_size_must_not_be_negative():
+    from alignrl.trainers.grpo import GRPOConfig
+
+    with pytest.raises(AlignRLError, match="micro_batch_size: must be ≥ 0"):
+        load_config(GRPOConfig, None, ["model=m", "micro_batch_size=-1"])

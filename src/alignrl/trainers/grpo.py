@@ -71,6 +71,8 @@ class GRPOConfig(TrainConfig):
             raise AlignRLError("num_iterations, prompts_per_step and max_completion_length must be ≥ 1")
         if self.temperature <= 0:
             raise AlignRLError("temperature: must be > 0 for RL sampling")
+        if self.micro_batch_size < 0:
+            raise AlignRLError("micro_batch_size: must be ≥ 0 (0 = the whole batch at once)")
         if not 0 <= self.overlong_cache < self.max_completion_length:
             raise AlignRLError("overlong_cache: must be in [0, max_completion_length)")
 
