@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from alignrl.generation import SamplingParams, filter_logits, generate, left_pad
@@ -10,9 +11,7 @@ from alignrl.models import load_causal_lm, load_tokenizer
 def _setup(tiny_model):
     tok = load_tokenizer(tiny_model)
     model = load_causal_lm(tiny_model).eval()
-    ids, mask = left_pad(
-        [tok("12+34=").input_ids, tok("5=").input_ids, tok("hello, ").input_ids], tok.pad_token_id
-    )
+    ids, mask = left_pad([tok("12+34=").input_ids, tok("5=").input_ids, tok("hello, ").input_ids], tok.pad_token_id)
     return tok, model, ids, mask
 
 
@@ -107,9 +106,7 @@ class _ForceEOS(torch.nn.Module):
 def test_eos_ends_completion_and_mask(tiny_model):
     tok, model, ids, mask = _setup(tiny_model)
     wrapped = _ForceEOS(model, tok.eos_token_id)
-    ro = generate(
-        wrapped, ids, mask, SamplingParams(6, temperature=1.0), [tok.eos_token_id], tok.pad_token_id
-    )
+    ro = generate(wrapped, ids, mask, SamplingParams(6, temperature=1.0), [tok.eos_token_id], tok.pad_token_id)
     assert ro.completion_ids[0, 2] == tok.eos_token_id
     assert ro.completion_mask[0].tolist() == [1, 1, 1, 0, 0, 0]
     assert (ro.completion_ids[0, 3:] == tok.pad_token_id).all() and (ro.logprobs[0, 3:] == 0).all()
@@ -193,3 +190,59 @@ def test_bf16_sampling_keeps_float32_weights():
     err_bf16 = (lp - ro.logprobs).abs().max()
     assert err_bf16 < 0.05
     assert (full - ro.logprobs).abs().max() > 0  # it really sampled in bf16
+
+
+def _tiny(arch: str, **kw):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(arch, vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                               initializer_range=0.3, **kw)  # fmt: skip
+    # large weights: peaked distributions, so that a wrong position or head changes the tokens and log-probs
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+@pytest.mark.parametrize("padded", [True, False])
+def test_fast_decode_equals_model_forward(monkeypatch, arch, autocast, padded):
+    """The fused decode step (`alignrl.decode.FastDecoder`) samples the tokens the model's own forward samples,
+    with the same log-probs, for Llama (GQA), Qwen2 (q/k/v biases) and Mistral, with and without padding, in
+    fp32 and under bf16 autocast; and it is really used (its step runs once per decoded token)."""
+    import alignrl.decode as d
+
+    # Mistral without a window: with one, the reference path's attention runs in bf16 SDPA (see _decode_attention)
+    model = _tiny(arch, **({"sliding_window": None} if arch == "mistral" else {}))
+    seqs = [[5, 6, 7, 8, 9], [3, 4], [10, 11, 12]] if padded else [[5, 6, 7], [8, 9, 10], [1, 2, 3]]
+    ids, mask = left_pad(seqs, 0)
+    params = SamplingParams(16, temperature=1.0, autocast=autocast)
+    steps = []
+    real_step = d.FastDecoder.step
+    monkeypatch.setattr(d.FastDecoder, "step", lambda self, *a: steps.append(1) or real_step(self, *a))
+    fast = generate(model, ids, mask, params, [49], 0, seeds=[1, 2, 3])
+    assert len(steps) == 15
+    monkeypatch.setattr(d.FastDecoder, "build", staticmethod(lambda *a: None))
+    slow = generate(model, ids, mask, params, [49], 0, seeds=[1, 2, 3])
+    assert torch.equal(fast.completion_ids, slow.completion_ids)
+    torch.testing.assert_close(fast.logprobs, slow.logprobs, atol=1e-5 if autocast is None else 1e-3, rtol=0)
+    if autocast is None:  # and both equal the training path's log-probs
+        lp, _ = token_logprobs(model, fast.input_ids, fast.attention_mask, fast.completion_mask, start=ids.shape[1])
+        torch.testing.assert_close(lp, fast.logprobs, atol=1e-5, rtol=0)
+
+
+def test_fast_decode_declines_what_it_does_not_reproduce(tiny_model):
+    """LoRA-wrapped projections, other activations and sliding windows shorter than the sequence fall back to the
+    model's forward (build returns None)."""
+    from alignrl.decode import FastDecoder
+
+    assert FastDecoder.build(_tiny("llama"), 64, 3) is not None
+    assert FastDecoder.build(_tiny("llama", hidden_act="gelu"), 64, 3) is None
+    assert FastDecoder.build(_tiny("mistral", sliding_window=8), 64, 3) is None
+    assert FastDecoder.build(_tiny("mistral", sliding_window=128), 64, 3) is not None
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(_tiny("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    from alignrl.models import unwrap
+
+    assert FastDecoder.build(unwrap(lora), 64, 3) is None

@@ -13,6 +13,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from alignrl.decode import FastDecoder
 from alignrl.logprobs import position_ids_from_mask
 from alignrl.models import cast_linear_weights, unwrap
 
@@ -116,6 +117,8 @@ def generate(
     logits-processor chain; the returned tensors are ordinary (autograd-usable) tensors. (A preallocated
     static KV cache was measured slower on CPU: attention then spans the whole buffer; the cache here is
     preallocated but attention reads only its filled part, see `_PreallocatedLayer` and BENCHMARKS.md.)
+    Llama-family models decode through `alignrl.decode.FastDecoder` (the same function in fewer ops, with
+    pre-packed weights); other models step through their own forward.
     """
     was_training = model.training
     model.eval()
@@ -271,16 +274,27 @@ def _sample_loop(model, prompt_ids, prompt_mask, params: SamplingParams, eos_tok
         logits_to_keep=1,
     )
     next_pos = positions[:, -1:] + 1
+    logits = out.logits[:, -1]
+    fast = FastDecoder.build(unwrap(model), P + N, batch)
+    if fast is not None:  # the decode steps as plain tensor ops on the cache the prefill filled
+        cos, sin = fast.rope(next_pos + torch.arange(N, device=device))
+        kv = [(layer._k, layer._v) for layer in cache.layers]  # type: ignore[attr-defined]
+        neg = torch.zeros((batch, 1, 1, P + N), dtype=kv[0][0].dtype, device=device)
+        neg.masked_fill_(~attn.bool()[:, None, None], float("-inf"))
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     n = 0
     for step in range(N):
-        tok, logp = _sample(out.logits[:, -1].float(), params, None if u is None else u[:, step])
+        tok, logp = _sample(logits.float(), params, None if u is None else u[:, step])
         tokens[:, step] = tok.masked_fill(done, pad_token_id)
         logps[:, step] = logp.masked_fill(done, 0.0)
         n = step + 1
         done = done | torch.isin(tokens[:, step], eos)
         if step == N - 1 or bool(done.all()):
             break
+        if fast is not None:
+            mask = neg[..., : P + step + 1] if padded else None
+            logits = fast.step(tokens[:, step], cos[:, step], sin[:, step], kv, P + step, mask)
+            continue
         out = model(
             input_ids=tokens[:, step : step + 1],
             attention_mask=attn[:, : P + step + 1] if padded else None,  # a view: no per-token cat
@@ -288,5 +302,6 @@ def _sample_loop(model, prompt_ids, prompt_mask, params: SamplingParams, eos_tok
             past_key_values=cache,
             use_cache=True,
         )
+        logits = out.logits[:, -1]
         next_pos = next_pos + 1
     return tokens, logps, n
