@@ -246,3 +246,29 @@ def test_fast_decode_declines_what_it_does_not_reproduce(tiny_model):
     from alignrl.models import unwrap
 
     assert FastDecoder.build(unwrap(lora), 64, 3) is None
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_packed_frozen_linears_give_the_same_logprobs(autocast):
+    """A reference policy with oneDNN pre-packed linear layers computes the log-probs of the plain model (to float
+    rounding, fp32 and bf16 weights under autocast), and holds no second copy of the weights."""
+    import copy
+
+    from alignrl.models import _PackedLinear, cast_linear_weights, pack_frozen_linears
+
+    model = _tiny("llama", tie_word_embeddings=True).requires_grad_(False)
+    packed = copy.deepcopy(model)
+    if autocast:
+        cast_linear_weights(model, torch.bfloat16)
+        cast_linear_weights(packed, torch.bfloat16)
+    n = pack_frozen_linears(packed)
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch build")
+    assert n == 2 * 7  # every projection; the lm_head tied to the embeddings stays a plain nn.Linear
+    assert type(packed.lm_head) is torch.nn.Linear and isinstance(packed.model.layers[0].mlp.up_proj, _PackedLinear)
+    assert not any(p.dim() == 2 and p.shape[0] != 50 for p in packed.parameters())  # originals not kept
+    ids, mask = left_pad([[5, 6, 7, 8, 9, 10, 11], [3, 4, 12, 13]], 0)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        want, _ = token_logprobs(model, ids, mask, mask[:, 3:], start=3)
+        got, _ = token_logprobs(packed, ids, mask, mask[:, 3:], start=3)
+    torch.testing.assert_close(got, want, atol=1e-5 if not autocast else 1e-3, rtol=0)

@@ -120,6 +120,43 @@ def load_causal_lm(path: str, dtype: str = "float32", device: torch.device | str
     return model.to(device)
 
 
+class _PackedLinear(nn.Module):
+    """An inference-only nn.Linear whose weight is held pre-packed for oneDNN (CPU)."""
+
+    def __init__(self, linear: nn.Linear, rows: int):
+        super().__init__()
+        self.in_features, self.out_features, self.dtype = linear.in_features, linear.out_features, linear.weight.dtype
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows)
+        self.bias_ = None if linear.bias is None else linear.bias.detach().to(self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x cast to the weights' dtype: what autocast does when they are held in its dtype
+        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, self.bias_, "none", [], "")
+
+
+def pack_frozen_linears(model: nn.Module, rows: int = 512) -> int:
+    """Replace the nn.Linear layers of a frozen CPU model (no grads: a reference policy) by oneDNN pre-packed
+    ones: a CPU matmul repacks its weight at every call (+15-35% time in fp32 at 560 rows, measured here). The
+    packed weight replaces the original (no extra memory); weights shared with other modules (tied embeddings)
+    are left alone. Returns how many were packed (0 where oneDNN is unavailable or the model is not on CPU)."""
+    if not torch.backends.mkldnn.is_available():
+        return 0
+    other = {id(p) for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
+    swaps = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child) is nn.Linear
+        and type(child.weight) is nn.Parameter
+        and child.weight.device.type == "cpu"
+        and child.weight.dtype in (torch.float32, torch.bfloat16)
+        and id(child.weight) not in other
+    ]
+    for parent, name, child in swaps:
+        setattr(parent, name, _PackedLinear(child, rows))
+    return len(swaps)
+
+
 def cast_linear_weights(model: nn.Module, dtype: torch.dtype) -> list[tuple[nn.Parameter, torch.Tensor]]:
     """Hold the float32 weights and biases of nn.Linear layers in `dtype`: the numbers autocast(dtype) computes
     with at every forward, cast once. Parameters shared with other modules (tied embeddings) are left alone.

@@ -28,6 +28,7 @@ from alignrl.models import (
     disable_dropout,
     load_causal_lm,
     load_tokenizer,
+    pack_frozen_linears,
     save_pretrained_atomic,
 )
 
@@ -191,13 +192,16 @@ def wrap_policy(run: Run, model: nn.Module, fn: Any = None) -> nn.Module:
 
 def load_reference(run: Run, path: str) -> nn.Module:
     """The frozen reference policy, ready for `dist.logprobs`: no dropout, linear weights held in the autocast
-    dtype when one is set (what autocast computes with anyway: half the memory, no cast per forward; not under
-    FSDP, which shards one dtype per module), sharded like the policy under FSDP."""
+    dtype when one is set (what autocast computes with anyway: half the memory, no cast per forward) and, on CPU,
+    pre-packed for oneDNN (not under FSDP, which shards the weights as they are), sharded like the policy under
+    FSDP."""
     ref = load_causal_lm(path, run.cfg.dtype, run.device).eval().requires_grad_(False)
     disable_dropout(ref)
     dtype = autocast_dtype(run.cfg)
-    if dtype is not None and not (dist.is_dist() and run.cfg.distributed == "fsdp"):
-        cast_linear_weights(ref, dtype)
+    if not (dist.is_dist() and run.cfg.distributed == "fsdp"):
+        if dtype is not None:
+            cast_linear_weights(ref, dtype)
+        pack_frozen_linears(ref)
     return wrap_frozen(run, ref)
 
 
