@@ -13,6 +13,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from alignrl.attention import TRAIN_ATTENTION
 from alignrl.decode import FastDecoder
 from alignrl.logprobs import position_ids_from_mask
 from alignrl.models import cast_linear_weights, unwrap
@@ -207,18 +208,20 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(DECODE_ATTENTION, sdpa_mask)
 
 @contextlib.contextmanager
 def _decode_attention_on(model: nn.Module) -> Iterator[bool]:
-    """Route an SDPA model's attention through `_decode_attention` for the sampling loop (CPU only: there it
-    was measured faster; GPU SDPA kernels handle 1-token queries well). Yields whether it did."""
+    """Route an SDPA (or alignrl training-attention) model's attention through `_decode_attention` for the
+    sampling loop (CPU only: there it was measured faster; GPU SDPA kernels handle 1-token queries well), then
+    back. Yields whether it did."""
     lm = unwrap(model)
     cfg = getattr(lm, "config", None)
-    if getattr(cfg, "_attn_implementation", None) != "sdpa" or next(lm.parameters()).device.type != "cpu":
+    before = getattr(cfg, "_attn_implementation", None)
+    if before not in ("sdpa", TRAIN_ATTENTION) or next(lm.parameters()).device.type != "cpu":
         yield False
         return
     lm.set_attn_implementation(DECODE_ATTENTION)
     try:
         yield True
     finally:
-        lm.set_attn_implementation("sdpa")
+        lm.set_attn_implementation(before)
 
 
 class _PreallocatedLayer(DynamicLayer):

@@ -19,6 +19,7 @@ from torch import nn
 
 from alignrl import checkpoint
 from alignrl import distributed as dist
+from alignrl.attention import TRAIN_ATTENTION
 from alignrl.config import TrainConfig, save_config
 from alignrl.errors import AlignRLError
 from alignrl.models import (
@@ -170,6 +171,8 @@ def load_policy(cfg: TrainConfig, device: torch.device, *, rl: bool) -> tuple[nn
     """Load the trainable model (optionally LoRA-wrapped) and its tokenizer; RL turns dropout off."""
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     model = load_causal_lm(cfg.model, cfg.dtype, device)
+    if model.config._attn_implementation == "sdpa":  # SDPA, or matmuls where CPU bf16 SDPA is slow (attention.py)
+        model.set_attn_implementation(TRAIN_ATTENTION)
     if rl:
         disable_dropout(model)
     if cfg.lora_r > 0:
