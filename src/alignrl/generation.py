@@ -282,8 +282,9 @@ def _sample_loop(model, prompt_ids, prompt_mask, params: SamplingParams, eos_tok
     if fast is not None:  # the decode steps as plain tensor ops on the cache the prefill filled
         cos, sin = fast.rope(next_pos + torch.arange(N, device=device))
         kv = [(layer._k, layer._v) for layer in cache.layers]  # type: ignore[attr-defined]
-        neg = torch.zeros((batch, 1, 1, P + N), dtype=kv[0][0].dtype, device=device)
-        neg.masked_fill_(~attn.bool()[:, None, None], float("-inf"))
+        if padded:  # additive padding mask over the whole cache, sliced per step
+            neg = torch.zeros((batch, 1, 1, P + N), dtype=kv[0][0].dtype, device=device)
+            neg.masked_fill_(~attn.bool()[:, None, None], float("-inf"))
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     n = 0
     for step in range(N):

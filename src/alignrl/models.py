@@ -6,10 +6,11 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -120,37 +121,60 @@ def load_causal_lm(path: str, dtype: str = "float32", device: torch.device | str
     return model.to(device)
 
 
+def packed_linear(
+    weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype | None, rows: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> x·Wᵀ + b in `dtype` (default W's; x is cast to it, as autocast does), inference only. On CPU with
+    oneDNN, W is pre-packed once: a plain CPU matmul repacks W at every call, which at few rows costs more than
+    the product (2.2x at 32 x 512 x 1536 in fp32, 1.2x in bf16; +15-35% at 560 rows in fp32, measured here).
+    Only the packed copy is kept (plus `weight` itself, which the caller owns)."""
+    w = weight.detach().to(dtype or weight.dtype)
+    dt = w.dtype
+    b = None if bias is None else bias.detach().to(dt)
+    if _packable(w):
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
+        del w  # a cast or concatenated copy would otherwise live as long as the packed one
+        return lambda x: torch.ops.mkldnn._linear_pointwise(x.to(dt), packed, b, "none", [], "")
+    return lambda x: F.linear(x.to(dt), w, b)
+
+
+def _packable(w: torch.Tensor) -> bool:
+    cpu = w.device.type == "cpu" and torch.backends.mkldnn.is_available()
+    return cpu and w.dtype in (torch.float32, torch.bfloat16)
+
+
+def _shared_param_ids(model: nn.Module) -> set[int]:
+    """ids of parameters owned by modules other than nn.Linear (tied embeddings): left alone when casting or
+    packing the linear layers."""
+    return {id(p) for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
+
+
 class _PackedLinear(nn.Module):
     """An inference-only nn.Linear whose weight is held pre-packed for oneDNN (CPU)."""
 
     def __init__(self, linear: nn.Linear, rows: int):
         super().__init__()
-        self.in_features, self.out_features, self.dtype = linear.in_features, linear.out_features, linear.weight.dtype
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows)
-        self.bias_ = None if linear.bias is None else linear.bias.detach().to(self.dtype)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.fn = packed_linear(linear.weight, linear.bias, None, rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x cast to the weights' dtype: what autocast does when they are held in its dtype
-        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, self.bias_, "none", [], "")
+        return self.fn(x)
 
 
 def pack_frozen_linears(model: nn.Module, rows: int = 512) -> int:
     """Replace the nn.Linear layers of a frozen CPU model (no grads: a reference policy) by oneDNN pre-packed
-    ones: a CPU matmul repacks its weight at every call (+15-35% time in fp32 at 560 rows, measured here). The
-    packed weight replaces the original (no extra memory); weights shared with other modules (tied embeddings)
-    are left alone. Returns how many were packed (0 where oneDNN is unavailable or the model is not on CPU)."""
-    if not torch.backends.mkldnn.is_available():
-        return 0
-    other = {id(p) for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
+    ones (`packed_linear`). The packed weight replaces the original (no extra memory); weights shared with other
+    modules (tied embeddings) are left alone. Returns how many were packed (0 where oneDNN is unavailable or the
+    model is not on CPU)."""
+    shared = _shared_param_ids(model)
     swaps = [
         (parent, name, child)
         for parent in model.modules()
         for name, child in parent.named_children()
         if type(child) is nn.Linear
         and type(child.weight) is nn.Parameter
-        and child.weight.device.type == "cpu"
-        and child.weight.dtype in (torch.float32, torch.bfloat16)
-        and id(child.weight) not in other
+        and _packable(child.weight)
+        and id(child.weight) not in shared
     ]
     for parent, name, child in swaps:
         setattr(parent, name, _PackedLinear(child, rows))
@@ -161,12 +185,12 @@ def cast_linear_weights(model: nn.Module, dtype: torch.dtype) -> list[tuple[nn.P
     """Hold the float32 weights and biases of nn.Linear layers in `dtype`: the numbers autocast(dtype) computes
     with at every forward, cast once. Parameters shared with other modules (tied embeddings) are left alone.
     Returns (parameter, float32 data) pairs, to restore with `p.data = data`."""
-    other = {id(p) for m in model.modules() if not isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
+    shared = _shared_param_ids(model)
     kept = []
     for m in model.modules():
         if isinstance(m, nn.Linear):
             for p in m.parameters(recurse=False):
-                if p.dtype == torch.float32 and id(p) not in other:
+                if p.dtype == torch.float32 and id(p) not in shared:
                     kept.append((p, p.data))
                     p.data = p.data.to(dtype)
     return kept
