@@ -22,6 +22,7 @@ from alignrl import distributed as dist
 from alignrl.attention import TRAIN_ATTENTION
 from alignrl.config import TrainConfig, save_config
 from alignrl.errors import AlignRLError
+from alignrl.mlp import use_lean_mlp
 from alignrl.models import (
     DTYPES,
     apply_lora,
@@ -173,6 +174,7 @@ def load_policy(cfg: TrainConfig, device: torch.device, *, rl: bool) -> tuple[nn
     model = load_causal_lm(cfg.model, cfg.dtype, device)
     if model.config._attn_implementation == "sdpa":  # SDPA, or matmuls where CPU bf16 SDPA is slow (attention.py)
         model.set_attn_implementation(TRAIN_ATTENTION)
+    use_lean_mlp(model)  # half the MLP activations kept for backward (mlp.py)
     if rl:
         disable_dropout(model)
     if cfg.lora_r > 0:
