@@ -35,8 +35,10 @@ def _pair(arch: str):
 
     torch.manual_seed(0)
     extra = {"mlp_bias": True} if arch == "llama" else {}
-    cfg = AutoConfig.for_model(arch, vocab_size=50, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2, **extra)  # fmt: skip
+    cfg = AutoConfig.for_model(
+        arch, vocab_size=50, hidden_size=32, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, initializer_range=0.2, **extra,
+    )  # fmt: skip
     stock = AutoModelForCausalLM.from_config(cfg)
     lean = copy.deepcopy(stock)
     assert use_lean_mlp(lean) == 2
