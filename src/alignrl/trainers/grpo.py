@@ -210,6 +210,7 @@ def train(cfg: GRPOConfig) -> Path:
         run.metrics.log(0, {"eval_reward": _eval(policy, tok, eval_rows, fns, cfg, run.device)})
     for step in range(first, cfg.max_steps + 1):
         timer = loop.Timer()
+        loop.release_freed_memory()  # the last update's activations and gradients, before the KV cache
         with timer("generation"):
             scored, ds_metrics = rollout_batch(policy, tok, data, stream, cfg, fns, run.device)
         ro = scored.rollout

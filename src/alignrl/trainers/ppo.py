@@ -305,6 +305,7 @@ def train(cfg: PPOConfig) -> Path:
         idx = next(stream)
         a, b = dist.shard_bounds(len(idx))  # this rank's prompts; sampling keyed by the index in the global batch
         base = (cfg.seed * 1_000_003 + getattr(stream, "consumed", step)) * 1_000_003
+        loop.release_freed_memory()  # the last update's activations and gradients, before the KV cache
         with timer("generation"), dist.full_params(policy) as lm:
             scored = sample_and_score(
                 lm, tok, [data.rows[i] for i in idx[a:b]], [data.where(i) for i in idx[a:b]], fns, sampling,
