@@ -54,6 +54,13 @@ def train_flops(model_dir: Path, n_seqs: int, seq_len: int, scored: int) -> floa
     return 6 * n_trunk * n_seqs * seq_len + 6 * h * vocab * scored
 
 
+def micro_batch_for(setting: str, size: str) -> int:
+    """alignrl's GRPO micro_batch_size for a model size from `--micro-batch` ("2" or "4m=4,30m=2")."""
+    if "=" not in setting:
+        return int(setting)
+    return int(dict(kv.split("=", 1) for kv in setting.split(",")).get(size, 4))
+
+
 def run_worker(spec: dict, out: Path) -> dict:
     spec_path, res_path = out / "spec.json", out / "result.json"
     spec_path.write_text(json.dumps(spec))
@@ -91,7 +98,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dpo-accum", type=int, default=8, help="alignrl DPO micro-batches per step (bounds memory)")
     ap.add_argument("--dpo-ref-batch", type=int, default=8, help="alignrl DPO pairs per reference-pass forward")
     ap.add_argument("--libs", default="alignrl,trl")
-    ap.add_argument("--micro-batch", type=int, default=4, help="alignrl GRPO micro_batch_size (0: whole batch)")
+    ap.add_argument(
+        "--micro-batch",
+        default="4m=4,30m=2",
+        help="alignrl GRPO micro_batch_size (0: whole batch): one number, or SIZE=N pairs (sizes not named: 4)",
+    )
     ap.add_argument("--no-equivalence", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in every workload (0: torch default)")
     a = ap.parse_args(argv)
@@ -165,7 +176,9 @@ def main(argv: list[str] | None = None) -> dict:
                         "out_dir": str(out / "runs" / f"{lib}_{algo}_{size}_{L}_{prec}_{rep}"),
                     }  # fmt: skip
                     if algo == "grpo":
-                        spec.update(data=str(prompts), prompts=a.prompts, G=a.G, length=L, micro_batch=a.micro_batch)
+                        mb = micro_batch_for(a.micro_batch, size)
+                        row["alignrl_micro_batch"] = mb
+                        spec.update(data=str(prompts), prompts=a.prompts, G=a.G, length=L, micro_batch=mb)
                     else:
                         spec.update(data=str(write_pairs(out, L)), batch=a.dpo_batch, max_length=L + 8,
                                     accum=a.dpo_accum if lib == "alignrl" else 1, ref_batch=a.dpo_ref_batch)
