@@ -54,11 +54,11 @@ def train_flops(model_dir: Path, n_seqs: int, seq_len: int, scored: int) -> floa
     return 6 * n_trunk * n_seqs * seq_len + 6 * h * vocab * scored
 
 
-def micro_batch_for(setting: str, size: str) -> int:
-    """alignrl's GRPO micro_batch_size for a model size from `--micro-batch` ("2" or "4m=4,30m=2")."""
+def per_size(setting: str, size: str, default: int) -> int:
+    """An alignrl setting for one model size from a per-size option: "2" (every size) or "4m=4,30m=2"."""
     if "=" not in setting:
         return int(setting)
-    return int(dict(kv.split("=", 1) for kv in setting.split(",")).get(size, 4))
+    return int(dict(kv.split("=", 1) for kv in setting.split(",")).get(size, default))
 
 
 def run_worker(spec: dict, out: Path) -> dict:
@@ -95,7 +95,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--beta", type=float, default=0.04)
     ap.add_argument("--dpo-len", type=int, default=256)
     ap.add_argument("--dpo-batch", type=int, default=8, help="DPO pairs per optimizer step (both libraries)")
-    ap.add_argument("--dpo-accum", type=int, default=8, help="alignrl DPO micro-batches per step (bounds memory)")
+    ap.add_argument(
+        "--dpo-accum",
+        default="4m=4,30m=8",
+        help="alignrl DPO micro-batches per step (bounds memory): one number, or SIZE=N pairs (sizes not named: 8)",
+    )
     ap.add_argument("--dpo-ref-batch", type=int, default=8, help="alignrl DPO pairs per reference-pass forward")
     ap.add_argument("--libs", default="alignrl,trl")
     ap.add_argument(
@@ -176,12 +180,14 @@ def main(argv: list[str] | None = None) -> dict:
                         "out_dir": str(out / "runs" / f"{lib}_{algo}_{size}_{L}_{prec}_{rep}"),
                     }  # fmt: skip
                     if algo == "grpo":
-                        mb = micro_batch_for(a.micro_batch, size)
+                        mb = per_size(a.micro_batch, size, 4)
                         row["alignrl_micro_batch"] = mb
                         spec.update(data=str(prompts), prompts=a.prompts, G=a.G, length=L, micro_batch=mb)
                     else:
+                        accum = per_size(a.dpo_accum, size, 8)
+                        row["alignrl_accum"] = accum
                         spec.update(data=str(write_pairs(out, L)), batch=a.dpo_batch, max_length=L + 8,
-                                    accum=a.dpo_accum if lib == "alignrl" else 1, ref_batch=a.dpo_ref_batch)
+                                    accum=accum if lib == "alignrl" else 1, ref_batch=a.dpo_ref_batch)
                     r = run_worker(spec, out)
                     runs[lib].append(r)
                     print(f"{size} {algo} L={L} {prec} {lib} rep{rep}: step {med(r['step']):.2f}s "
