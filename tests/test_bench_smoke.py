@@ -24,3 +24,12 @@ def test_bench_harness_one_tiny_step(tmp_path):
     if HAS_TRL:
         assert row["trl"]["step_s"] > 0 and "ratio_step" in row
         assert res["equivalence"]["grpo"]["abs_diff"] <= 1e-4
+    assert row["alignrl_micro_batch"] == 4  # "tiny" is not named in the default --micro-batch
+
+
+def test_per_size_settings():
+    from bench.compare import per_size
+
+    assert per_size("2", "30m", 4) == 2
+    assert per_size("4m=4,30m=2", "30m", 4) == 2
+    assert per_size("4m=4,30m=2", "tiny", 8) == 8
