@@ -54,11 +54,19 @@ def train_flops(model_dir: Path, n_seqs: int, seq_len: int, scored: int) -> floa
     return 6 * n_trunk * n_seqs * seq_len + 6 * h * vocab * scored
 
 
-def per_size(setting: str, size: str, default: int) -> int:
-    """An alignrl setting for one model size from a per-size option: "2" (every size) or "4m=4,30m=2"."""
-    if "=" not in setting:
-        return int(setting)
-    return int(dict(kv.split("=", 1) for kv in setting.split(",")).get(size, default))
+def size_setting(text: str) -> dict[str, int] | int:
+    """argparse type of a per-size option: "2" (every size) or "4m=4,30m=2"; a malformed value is a usage error."""
+    try:
+        if "=" not in text:
+            return int(text)
+        return {k: int(v) for k, v in (kv.split("=", 1) for kv in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected N or SIZE=N,SIZE=N (e.g. 4m=4,30m=2)") from None
+
+
+def per_size(setting: dict[str, int] | int, size: str, default: int) -> int:
+    """The value of a `size_setting` for one model size (`default` for sizes it does not name)."""
+    return setting if isinstance(setting, int) else setting.get(size, default)
 
 
 def run_worker(spec: dict, out: Path) -> dict:
@@ -97,6 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dpo-batch", type=int, default=8, help="DPO pairs per optimizer step (both libraries)")
     ap.add_argument(
         "--dpo-accum",
+        type=size_setting,
         default="4m=4,30m=8",
         help="alignrl DPO micro-batches per step (bounds memory): one number, or SIZE=N pairs (sizes not named: 8)",
     )
@@ -104,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--libs", default="alignrl,trl")
     ap.add_argument(
         "--micro-batch",
+        type=size_setting,
         default="4m=4,30m=2",
         help="alignrl GRPO micro_batch_size (0: whole batch): one number, or SIZE=N pairs (sizes not named: 4)",
     )
@@ -170,6 +180,10 @@ def main(argv: list[str] | None = None) -> dict:
             model = build_model(out, size, never_eos=algo == "grpo")
             results["matmul_flops"][prec] = max(results["matmul_flops"][prec], matmul_flops(prec))
             row = {"size": size, "params": sum(model_params(model)[:1]), "algo": algo, "length": L, "precision": prec}
+            if algo == "grpo":
+                row["alignrl_micro_batch"] = per_size(a.micro_batch, size, 4)
+            else:
+                row["alignrl_accum"] = per_size(a.dpo_accum, size, 8)
             runs: dict[str, list[dict]] = {lib: [] for lib in libs}
             for rep in range(a.reps):
                 for lib in libs if rep % 2 == 0 else libs[::-1]:  # alternate which library goes first
@@ -180,14 +194,11 @@ def main(argv: list[str] | None = None) -> dict:
                         "out_dir": str(out / "runs" / f"{lib}_{algo}_{size}_{L}_{prec}_{rep}"),
                     }  # fmt: skip
                     if algo == "grpo":
-                        mb = per_size(a.micro_batch, size, 4)
-                        row["alignrl_micro_batch"] = mb
-                        spec.update(data=str(prompts), prompts=a.prompts, G=a.G, length=L, micro_batch=mb)
+                        spec.update(data=str(prompts), prompts=a.prompts, G=a.G, length=L,
+                                    micro_batch=row["alignrl_micro_batch"])
                     else:
-                        accum = per_size(a.dpo_accum, size, 8)
-                        row["alignrl_accum"] = accum
                         spec.update(data=str(write_pairs(out, L)), batch=a.dpo_batch, max_length=L + 8,
-                                    accum=accum if lib == "alignrl" else 1, ref_batch=a.dpo_ref_batch)
+                                    accum=row["alignrl_accum"] if lib == "alignrl" else 1, ref_batch=a.dpo_ref_batch)
                     r = run_worker(spec, out)
                     runs[lib].append(r)
                     print(f"{size} {algo} L={L} {prec} {lib} rep{rep}: step {med(r['step']):.2f}s "

@@ -27,9 +27,15 @@ def test_bench_harness_one_tiny_step(tmp_path):
     assert row["alignrl_micro_batch"] == 4  # "tiny" is not named in the default --micro-batch
 
 
-def test_per_size_settings():
-    from bench.compare import per_size
+def test_per_size_settings(capsys):
+    import pytest
 
-    assert per_size("2", "30m", 4) == 2
-    assert per_size("4m=4,30m=2", "30m", 4) == 2
-    assert per_size("4m=4,30m=2", "tiny", 8) == 8
+    from bench.compare import main, per_size, size_setting
+
+    assert per_size(size_setting("2"), "30m", 4) == 2
+    assert per_size(size_setting("4m=4,30m=2"), "30m", 4) == 2
+    assert per_size(size_setting("4m=4,30m=2"), "tiny", 8) == 8
+    for bad in ("30m=x", "4m"):
+        with pytest.raises(SystemExit):
+            main(["--micro-batch", bad])
+        assert "SIZE=N" in capsys.readouterr().err
