@@ -60,7 +60,7 @@ def use_lean_mlp(model: nn.Module) -> int:
     for m in model.modules():
         down, act = getattr(m, "down_proj", None), getattr(m, "act_fn", None)
         if (
-            isinstance(down, nn.Linear)
+            type(down) is nn.Linear  # not subclasses (quantised layers): the same test `_forward` makes per call
             and isinstance(act, SiLUActivation | nn.SiLU)
             and isinstance(getattr(m, "gate_proj", None), nn.Module)
             and isinstance(getattr(m, "up_proj", None), nn.Module)
