@@ -272,3 +272,39 @@ def test_packed_frozen_linears_give_the_same_logprobs(autocast):
         want, _ = token_logprobs(model, ids, mask, mask[:, 3:], start=3)
         got, _ = token_logprobs(packed, ids, mask, mask[:, 3:], start=3)
     torch.testing.assert_close(got, want, atol=1e-5 if not autocast else 1e-3, rtol=0)
+
+
+def test_trunk_skips_columns_no_target_needs(tiny_model):
+    """Left padding common to every row and right padding after the last scored target are not run through the
+    trunk; log-probs and gradients equal a float64 full-width forward of the same model."""
+    tok, model, ids, mask = _setup(tiny_model)
+    pad = tok.pad_token_id
+    B, P = ids.shape
+    # two extra all-padding columns on the left; completions of 3, 1 and 0 scored tokens inside 6 columns
+    completions = torch.randint(3, 60, (B, 6), generator=torch.Generator().manual_seed(0))
+    ids = torch.cat([torch.full((B, 2), pad), ids, completions], 1)
+    mask = torch.cat([torch.zeros(B, 2, dtype=torch.long), mask, torch.ones(B, 6, dtype=torch.long)], 1)
+    target = torch.zeros(B, 6, dtype=torch.long)
+    target[0, :3] = 1
+    target[1, :1] = 1
+    start = P + 2
+    widths = []
+    record = lambda m, a, kw: widths.append(kw["input_ids"].shape[1])  # noqa: E731
+    hook = model.model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        weights = torch.arange(1.0, 1.0 + B * 6).view(B, 6)
+        lp, _ = token_logprobs(model, ids, mask, target, start=start)
+        (lp * weights).sum().backward()
+        got = [p.grad.clone() for p in model.parameters()]
+    finally:
+        hook.remove()
+    assert widths == [start + 3 - 2]  # first real column to the last scored target
+    model.zero_grad()
+    model.double()
+    want, _ = _naive(model, ids, mask, start, 1.0)
+    m = target.bool()
+    torch.testing.assert_close(lp[m].double(), want[m].detach(), atol=1e-5, rtol=0)
+    assert (lp[~m] == 0).all()
+    (want * m * weights.double()).sum().backward()
+    for g, p in zip(got, model.parameters()):
+        torch.testing.assert_close(g.double(), p.grad, atol=1e-5, rtol=1e-4)

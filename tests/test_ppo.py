@@ -269,3 +269,32 @@ def test_ppo_config_errors(tiny_model, tmp_path, capsys) -> None:
     assert "value_model" in capsys.readouterr().err
     assert main(base + ["reward_funcs=[gsm8k]", "dual_clip=0.5"]) == 2
     assert "dual_clip" in capsys.readouterr().err
+
+
+def test_shared_values_from_the_trimmed_logprob_pass_equal_a_full_forward(tiny_model) -> None:
+    """The shared critic reads its values off the log-prob forward, which skips columns no target needs
+    (common left padding, right padding after the last completion token): the values at scored positions equal
+    a full-width trunk forward's, and the columns after the last scored one are 0."""
+    from alignrl.logprobs import token_logprobs
+    from alignrl.models import load_causal_lm
+    from alignrl.value_model import ValueHead, captured_hidden, shared_values, values_from_logprob_pass
+
+    model = load_causal_lm(tiny_model).eval()
+    torch.manual_seed(0)
+    head = ValueHead(model.config.hidden_size)
+    torch.nn.init.normal_(head.linear.weight)  # zero-initialised otherwise: every value would be 0
+    B, P, C = 3, 6, 7
+    ids = torch.randint(3, 60, (B, P + C))
+    attn = torch.ones(B, P + C, dtype=torch.long)
+    attn[:, :2] = 0  # left padding common to every row
+    attn[1, 2] = 0
+    target = _mask([4, 2, 1], C)  # the last 3 completion columns are padding in every row
+    attn[:, P:] = target
+    with torch.no_grad(), captured_hidden(model) as hidden:
+        token_logprobs(model, ids, attn, target, start=P)
+        got = values_from_logprob_pass(head, hidden[-1], attn, target, start=P)
+        want = shared_values(model, head, ids, attn, start=P)
+    assert hidden[0].shape[1] == P + 4 - 2  # the pass really was trimmed on both sides
+    m = target.bool()
+    torch.testing.assert_close(got[m], want[m], atol=1e-5, rtol=1e-5)
+    assert got.shape == want.shape and (got[:, 4:] == 0).all() and want[m].abs().min() > 0

@@ -3,7 +3,8 @@
 The model's trunk produces hidden states; the lm-head projection, temperature scaling, log-softmax and
 gather run over chunks of at most `chunk_tokens` valid target tokens, so the [tokens, vocab] float32 buffer
 is bounded. Under autograd each chunk is recomputed in backward (activation checkpointing), so memory stays
-bounded in training too. Only positions whose target is valid are projected at all: padding costs nothing.
+bounded in training too. Only positions whose target is valid are projected at all, and the trunk skips the
+columns no valid target needs (right padding after the last one, left padding common to the batch).
 """
 
 from __future__ import annotations
@@ -52,6 +53,18 @@ def _has_plain_lm_head(lm: nn.Module) -> bool:
     )
 
 
+def needed_span(attention_mask: torch.Tensor, target_mask: torch.Tensor, start: int) -> tuple[int, int]:
+    """[first, end): the input columns that the targets selected by `target_mask` ([B, L - start], scored from
+    column `start`) need. Columns after the last selected target (right padding of completions shorter than the
+    batch's longest) and before the first one any row attends to (left padding common to every prompt) change
+    nothing scored: attention is causal and position ids count real tokens. Micro-batches of short completions
+    then run a shorter forward and backward."""
+    cols = target_mask.bool().any(0).nonzero()
+    end = start + (int(cols[-1]) + 1 if cols.numel() else 1)
+    first = min(int(attention_mask.bool().any(0).int().argmax()), start - 1)
+    return first, end
+
+
 def token_logprobs(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -69,24 +82,25 @@ def token_logprobs(
     Logits are divided by `temperature` (the sampling temperature) before the softmax.
     """
     lm = unwrap(model)
-    positions = position_ids_from_mask(attention_mask)
     targets = input_ids[:, start:]
     sel = target_mask.bool()
     out = torch.zeros(targets.shape, dtype=torch.float32, device=input_ids.device)
     ent = torch.zeros_like(out) if with_entropy else None
+    first, end = needed_span(attention_mask, sel, start)
+    ids, attn, at = input_ids[:, first:end], attention_mask[:, first:end], start - first
+    positions = position_ids_from_mask(attn)
     if _has_plain_lm_head(lm):
         trunk = getattr(lm, lm.base_model_prefix)
-        # Only the trunk up to the last needed position runs; the lm head runs on selected tokens only.
-        hidden = trunk(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions
-        ).last_hidden_state
+        # the lm head runs on the selected tokens only
+        hidden = trunk(input_ids=ids, attention_mask=attn, position_ids=positions).last_hidden_state
         head = lm.get_output_embeddings()
         weight, bias = head.weight, head.bias
     else:  # models with logit soft-capping/scaling: take their logits, still scored in chunks below
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
-        hidden, weight, bias = logits, None, None
-    h = hidden[:, start - 1 : -1][sel]  # [N, H]: the state before each selected target
-    t = targets[sel]
+        hidden = model(input_ids=ids, attention_mask=attn, position_ids=positions).logits
+        weight, bias = None, None
+    kept = sel[:, : ids.shape[1] - at]  # the targets inside the kept columns: every selected one
+    h = hidden[:, at - 1 : -1][kept]  # [N, H]: the state before each selected target
+    t = targets[:, : kept.shape[1]][kept]
     pieces, ent_pieces = [], []
     n_chunks = max(1, -(-h.shape[0] // chunk_tokens))
     for hc, tc in zip(h.chunk(n_chunks), t.chunk(n_chunks)):

@@ -20,11 +20,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from alignrl.errors import AlignRLError
-from alignrl.logprobs import position_ids_from_mask
+from alignrl.logprobs import needed_span, position_ids_from_mask
 from alignrl.models import DTYPES, disable_dropout, unwrap
 
 
@@ -124,6 +125,17 @@ def captured_hidden(model: nn.Module) -> Iterator[list[torch.Tensor]]:
         yield store
     finally:
         handle.remove()
+
+
+def values_from_logprob_pass(
+    head: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor, *, start: int
+) -> torch.Tensor:
+    """Shared-trunk values [B, L - start] from the last hidden states [B, end - first, H] of the `token_logprobs`
+    forward that just ran over the same batch, which covered only the columns `needed_span` keeps; zero after
+    the last selected target (those positions are masked)."""
+    first, end = needed_span(attention_mask, target_mask, start)
+    values = head(hidden[:, start - 1 - first : end - 1 - first])
+    return F.pad(values, (0, target_mask.shape[1] - values.shape[1]))
 
 
 def shared_values(model: nn.Module, head: ValueHead, input_ids, attention_mask, *, start: int) -> torch.Tensor:

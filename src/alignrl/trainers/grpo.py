@@ -229,24 +229,25 @@ def train(cfg: GRPOConfig) -> Path:
         P = ro.prompt_ids.shape[1]
         ids, attn = ro.input_ids, ro.attention_mask
         n = ids.shape[0]
-        mb = cfg.micro_batch_size or n
+        # micro-batches of similar-length sequences, each run only as wide as its longest (logprobs.needed_span);
+        # the loss normalisers are global, so how the batch is split does not change the update
+        micro = loop.length_grouped(ro.completion_mask, cfg.micro_batch_size or n)
         ref_logp = None
         if cfg.beta > 0:
             with timer("reference"), torch.no_grad(), loop.autocast(cfg, run.device):
                 ctx = adapter_disabled(model) if ref is None else contextlib.nullcontext()
                 with ctx:
-                    ref_logp = torch.cat([
-                        dist.logprobs(
+                    ref_logp = torch.zeros(ro.completion_mask.shape, device=ids.device)
+                    for sel in micro:
+                        ref_logp[sel] = dist.logprobs(
                             ref or policy,
-                            ids[s : s + mb],
-                            attn[s : s + mb],
-                            ro.completion_mask[s : s + mb],
+                            ids[sel],
+                            attn[sel],
+                            ro.completion_mask[sel],
                             start=P,
                             temperature=cfg.temperature,
                             chunk_tokens=cfg.logprob_chunk_tokens,
                         )[0]
-                        for s in range(0, n, mb)
-                    ])  # fmt: skip
         # global normalisers, so that summing micro-batch losses equals the full-batch loss
         norms = {
             "num_tokens": dist.all_reduce(mask.sum()).clamp(min=1),
@@ -256,13 +257,12 @@ def train(cfg: GRPOConfig) -> Path:
         stats: dict[str, list[float]] = {}
         with timer("update"):
             for it in range(cfg.num_iterations):
-                order = torch.randperm(n).tolist() if it > 0 else list(range(n))
                 loss_total = 0.0
-                for s in range(0, n, mb):
-                    sel = torch.tensor(order[s : s + mb], device=ids.device)
+                for j, sel in enumerate(micro):
+                    last = j == len(micro) - 1
                     m = mask[sel]
                     # DDP reads the sync flag in forward, FSDP in backward: both run inside grad_sync
-                    with dist.grad_sync(policy, s + mb >= n), loop.autocast(cfg, run.device):
+                    with dist.grad_sync(policy, last), loop.autocast(cfg, run.device):
                         logp, ent = dist.logprobs(
                             policy,
                             ids[sel],
@@ -287,7 +287,7 @@ def train(cfg: GRPOConfig) -> Path:
                         per_tok = per_tok + cfg.beta * kl
                         _add(stats, "kl", masked_mean(kl.detach(), m), m.sum())
                     loss = aggregate_loss(per_tok, m, cfg.loss_aggregation, **norms)
-                    with dist.grad_sync(policy, s + mb >= n):  # synchronise once, on the last micro-batch
+                    with dist.grad_sync(policy, last):  # synchronise once, on the last micro-batch
                         (loss * dist.grad_scale()).backward()
                     loss_total += float(loss.detach())
                     for k in ("is_low_clipped", "is_high_clipped", "is_clipped"):

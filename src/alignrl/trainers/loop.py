@@ -53,6 +53,12 @@ def release_freed_memory() -> None:
         _MALLOC_TRIM(0)
 
 
+def length_grouped(mask: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Row indices of a batch in micro-batches of `size`, rows sorted by length (`mask` [N, T] row sums, stable):
+    each micro-batch then runs only as wide as its longest row (`logprobs.needed_span`)."""
+    return list(mask.sum(1).argsort(stable=True).split(size))
+
+
 def set_seed(seed: int) -> None:
     """Seed python, numpy and torch RNGs."""
     random.seed(seed)

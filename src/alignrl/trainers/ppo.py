@@ -42,6 +42,7 @@ from alignrl.value_model import (
     load_value_model,
     shared_values,
     token_values,
+    values_from_logprob_pass,
 )
 
 
@@ -428,6 +429,7 @@ def ppo_update(
         for k in range(cfg.num_mini_batches):
             glob = order[k * mb : (k + 1) * mb]
             local = (glob[(glob >= lo) & (glob < lo + n)] - lo).to(ids.device)  # this rank's rows of it
+            local = local[mask[local].sum(1).argsort(stable=True)]  # similar lengths share a micro-batch (shorter)
             n_tok = dist.all_reduce(mask[local].sum()).clamp(min=1)
             n_micro = dist.all_reduce(-(-len(local) // micro), "max")  # same number of forwards on every rank
             for j in range(n_micro):
@@ -443,7 +445,7 @@ def ppo_update(
                             with_entropy=epoch == 0, chunk_tokens=cfg.logprob_chunk_tokens,
                         )  # fmt: skip
                         if critic.head is not None:  # reuse the trunk pass the log-probs just made
-                            values = critic.wrapped(hidden[-1][:, P - 1 : -1])
+                            values = values_from_logprob_pass(critic.wrapped, hidden[-1], attn[sel], m, start=P)
                         else:
                             values = critic.values(policy, ids[sel], attn[sel], P)
                     loss, st = ppo_loss(
