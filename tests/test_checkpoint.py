@@ -227,15 +227,16 @@ def test_signal_inside_stop_on_signals_saves_at_end_of_step(tiny_model, tmp_path
     run.register(model, tok, optimizer=opt, scheduler=sched)
     with checkpoint.stop_on_signals():
         run.end_step(1)
-        # raise_signal delivers to this thread, so the handler has run when it returns; os.kill may be taken by
-        # another thread (progress bar, thread pools) and handled after the next lines (flaky)
         signal.raise_signal(signal.SIGINT)  # first signal: only a flag, no KeyboardInterrupt mid-step
         assert checkpoint.stop_requested() == signal.SIGINT
         with pytest.raises(checkpoint.TrainingStopped) as stopped:
             run.end_step(2)
         assert stopped.value.signum == signal.SIGINT and stopped.value.step == 2
-        with pytest.raises(KeyboardInterrupt):  # a second signal stops at once
-            signal.raise_signal(signal.SIGINT)
+        # a second signal stops at once. The installed handler is called directly: Python runs a delivered
+        # signal's handler at some later bytecode boundary, and in 2 of 4 full-suite runs the KeyboardInterrupt
+        # it raised never reached this block (DID NOT RAISE)
+        with pytest.raises(KeyboardInterrupt):
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
     assert checkpoint.stop_requested() is None and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert checkpoint.latest_checkpoint(tmp_path / "run") == tmp_path / "run" / "checkpoint-2"
     # a fresh run in the same output_dir drops the earlier run's checkpoints (resume=auto must not find them)
