@@ -225,23 +225,40 @@ def test_nan_reward_is_treated_like_none_and_inf_is_an_error(tmp_path):
 def test_signal_inside_stop_on_signals_saves_at_end_of_step(tiny_model, tmp_path):
     cfg, run, model, tok, opt, sched = _tiny_run(tiny_model, tmp_path, "save_steps=0")
     run.register(model, tok, optimizer=opt, scheduler=sched)
-    with checkpoint.stop_on_signals():
-        run.end_step(1)
-        signal.raise_signal(signal.SIGINT)  # first signal: only a flag, no KeyboardInterrupt mid-step
-        assert checkpoint.stop_requested() == signal.SIGINT
-        with pytest.raises(checkpoint.TrainingStopped) as stopped:
-            run.end_step(2)
-        assert stopped.value.signum == signal.SIGINT and stopped.value.step == 2
-        # a second signal stops at once. The installed handler is called directly: Python runs a delivered
-        # signal's handler at some later bytecode boundary, and in 2 of 4 full-suite runs the KeyboardInterrupt
-        # it raised never reached this block (DID NOT RAISE)
-        with pytest.raises(KeyboardInterrupt):
-            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
-    assert checkpoint.stop_requested() is None and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Python's own SIGINT handler, as in a foreground run (a background job inherits SIGINT ignored: next test)
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with checkpoint.stop_on_signals():
+            run.end_step(1)
+            signal.raise_signal(signal.SIGINT)  # first signal: only a flag, no KeyboardInterrupt mid-step
+            assert checkpoint.stop_requested() == signal.SIGINT
+            with pytest.raises(checkpoint.TrainingStopped) as stopped:
+                run.end_step(2)
+            assert stopped.value.signum == signal.SIGINT and stopped.value.step == 2
+            with pytest.raises(KeyboardInterrupt):  # a second signal stops at once
+                signal.raise_signal(signal.SIGINT)
+        assert checkpoint.stop_requested() is None and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer)
     assert checkpoint.latest_checkpoint(tmp_path / "run") == tmp_path / "run" / "checkpoint-2"
     # a fresh run in the same output_dir drops the earlier run's checkpoints (resume=auto must not find them)
     _tiny_run(tiny_model, tmp_path)
     assert checkpoint.list_checkpoints(tmp_path / "run") == []
+
+
+def test_ignored_sigint_stays_ignored_inside_stop_on_signals():
+    """A job started in the background by a script (or under nohup) inherits SIGINT ignored: a Ctrl-C meant for
+    the terminal's foreground job must not stop it. SIGTERM is still caught."""
+    outer = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with checkpoint.stop_on_signals():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
+            signal.raise_signal(signal.SIGINT)
+            assert checkpoint.stop_requested() is None
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 def test_grpo_counts_samples_without_applicable_reward(tiny_model, tmp_path):

@@ -345,12 +345,13 @@ def stop_requested() -> int | None:
 @contextlib.contextmanager
 def stop_on_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
     """Within the block, the first SIGINT/SIGTERM only sets a flag (the loop saves and stops at the end of the
-    step); a second one runs the previous handler (KeyboardInterrupt / terminate). No-op outside the main
-    thread."""
+    step); a second one runs the previous handler (KeyboardInterrupt / terminate). A signal the parent set to be
+    ignored stays ignored (a background job of a script or `nohup` inherits an ignored SIGINT). No-op outside the
+    main thread."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.getsignal(s) for s in signums}
+    previous = {s: signal.getsignal(s) for s in signums if signal.getsignal(s) is not signal.SIG_IGN}
 
     def handler(signum, frame):
         if STOP.signum is None:
@@ -370,7 +371,7 @@ def stop_on_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) 
             signal.raise_signal(signum)
 
     STOP.signum = None
-    for s in signums:
+    for s in previous:
         signal.signal(s, handler)
     try:
         yield
