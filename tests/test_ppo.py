@@ -298,3 +298,28 @@ def test_shared_values_from_the_trimmed_logprob_pass_equal_a_full_forward(tiny_m
     m = target.bool()
     torch.testing.assert_close(got[m], want[m], atol=1e-5, rtol=1e-5)
     assert got.shape == want.shape and (got[:, 4:] == 0).all() and want[m].abs().min() > 0
+
+
+def test_separate_critic_values_skip_columns_no_target_needs(tiny_model) -> None:
+    """With a target mask, the value model runs only the columns the scored positions need and returns the same
+    values there as a full-width forward (0 after the last scored column)."""
+    critic = load_value_model(tiny_model)
+    torch.nn.init.normal_(critic.head.weight)  # a causal-LM init zeroes the head: every value would be 0
+    torch.manual_seed(0)
+    B, P, C = 3, 6, 7
+    ids = torch.randint(3, 60, (B, P + C))
+    attn = torch.ones(B, P + C, dtype=torch.long)
+    attn[:, :2] = 0
+    target = _mask([4, 2, 1], C)
+    attn[:, P:] = target
+    widths = []
+    record = lambda m, a, kw: widths.append(kw["input_ids"].shape[1])  # noqa: E731
+    hook = critic.trunk.register_forward_pre_hook(record, with_kwargs=True)
+    with torch.no_grad():
+        got = token_values(critic, ids, attn, start=P, target_mask=target)
+        hook.remove()
+        want = token_values(critic, ids, attn, start=P)
+    assert widths == [P + 4 - 2]
+    m = target.bool()
+    torch.testing.assert_close(got[m], want[m], atol=1e-5, rtol=1e-5)
+    assert got.shape == want.shape and (got[:, 4:] == 0).all() and want[m].abs().min() > 0

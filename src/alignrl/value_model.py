@@ -94,9 +94,21 @@ def load_value_model(path: str, dtype: str = "float32", device: torch.device | s
     return vm.to(device).train()
 
 
-def token_values(critic: ValueModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, start: int):
-    """Values of the states before tokens start.. : V[b, j] = V(x_{<start+j}); shape [B, L - start]."""
-    return critic(input_ids, attention_mask)[:, start - 1 : -1]
+def token_values(
+    critic: ValueModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    start: int,
+    target_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Values of the states before tokens start.. : V[b, j] = V(x_{<start+j}); shape [B, L - start]. With
+    `target_mask` [B, L - start], only the columns its targets need run (`needed_span`); later values are 0."""
+    if target_mask is None:
+        return critic(input_ids, attention_mask)[:, start - 1 : -1]
+    first, end = needed_span(attention_mask, target_mask, start)
+    values = critic(input_ids[:, first:end], attention_mask[:, first:end])[:, start - 1 - first : end - 1 - first]
+    return F.pad(values, (0, target_mask.shape[1] - values.shape[1]))
 
 
 class ValueHead(nn.Module):

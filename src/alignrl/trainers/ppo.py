@@ -243,9 +243,10 @@ class Critic:
         else:
             self.wrapped = dist.wrap_model(dist.ForwardFn(self.module, token_values), mode, device)
 
-    def values(self, policy: nn.Module, ids: torch.Tensor, attn: torch.Tensor, start: int) -> torch.Tensor:
-        if self.value_model is not None:
-            return dist.call(self.wrapped, token_values, ids, attn, start=start)
+    def values(self, policy: nn.Module, ids: torch.Tensor, attn: torch.Tensor, start: int, mask: torch.Tensor):
+        """Values [B, L - start] at the positions `mask` marks (0 after the last one)."""
+        if self.value_model is not None:  # only the columns the mask needs run
+            return dist.call(self.wrapped, token_values, ids, attn, start=start, target_mask=mask)
         # shared: only without gradients (rollout values); the update reads the head off the log-prob forward
         return shared_values(dist.inner(policy), self.head, ids, attn, start=start)  # type: ignore[arg-type]
 
@@ -327,7 +328,7 @@ def train(cfg: PPOConfig) -> Path:
                     chunk_tokens=cfg.logprob_chunk_tokens,
                 )  # fmt: skip
             with timer("values"):
-                old_values = critic.values(policy, ids, attn, P) * mask
+                old_values = critic.values(policy, ids, attn, P, mask) * mask
         kl = kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * mask
         beta = kl_ctl.value
         rewards = token_rewards(scores, kl, mask, beta)
@@ -447,7 +448,7 @@ def ppo_update(
                         if critic.head is not None:  # reuse the trunk pass the log-probs just made
                             values = values_from_logprob_pass(critic.wrapped, hidden[-1], attn[sel], m, start=P)
                         else:
-                            values = critic.values(policy, ids[sel], attn[sel], P)
+                            values = critic.values(policy, ids[sel], attn[sel], P, m)
                     loss, st = ppo_loss(
                         logp, b.old_logp[sel], values, b.old_values[sel], b.advantages[sel], b.returns[sel], m,
                         cfg, n_tok,
