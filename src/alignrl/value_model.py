@@ -107,7 +107,13 @@ def token_values(
     if target_mask is None:
         return critic(input_ids, attention_mask)[:, start - 1 : -1]
     first, end = needed_span(attention_mask, target_mask, start)
-    values = critic(input_ids[:, first:end], attention_mask[:, first:end])[:, start - 1 - first : end - 1 - first]
+    return _at_targets(critic(input_ids[:, first:end], attention_mask[:, first:end]), first, end, start, target_mask)
+
+
+def _at_targets(values: torch.Tensor, first: int, end: int, start: int, target_mask: torch.Tensor) -> torch.Tensor:
+    """Per-position values [B, end - first] of the input columns [first, end) (`needed_span`) -> the values of the
+    states before each target [B, L - start], 0 after the last kept one."""
+    values = values[:, start - 1 - first : end - 1 - first]
     return F.pad(values, (0, target_mask.shape[1] - values.shape[1]))
 
 
@@ -146,8 +152,7 @@ def values_from_logprob_pass(
     forward that just ran over the same batch, which covered only the columns `needed_span` keeps; zero after
     the last selected target (those positions are masked)."""
     first, end = needed_span(attention_mask, target_mask, start)
-    values = head(hidden[:, start - 1 - first : end - 1 - first])
-    return F.pad(values, (0, target_mask.shape[1] - values.shape[1]))
+    return _at_targets(head(hidden), first, end, start, target_mask)
 
 
 def shared_values(model: nn.Module, head: ValueHead, input_ids, attention_mask, *, start: int) -> torch.Tensor:

@@ -244,8 +244,9 @@ class Critic:
             self.wrapped = dist.wrap_model(dist.ForwardFn(self.module, token_values), mode, device)
 
     def values(self, policy: nn.Module, ids: torch.Tensor, attn: torch.Tensor, start: int, mask: torch.Tensor):
-        """Values [B, L - start] at the positions `mask` marks (0 after the last one)."""
-        if self.value_model is not None:  # only the columns the mask needs run
+        """Values [B, L - start]; positions after the last one `mask` marks may be 0 (the value model runs only the
+        columns the mask needs)."""
+        if self.value_model is not None:
             return dist.call(self.wrapped, token_values, ids, attn, start=start, target_mask=mask)
         # shared: only without gradients (rollout values); the update reads the head off the log-prob forward
         return shared_values(dist.inner(policy), self.head, ids, attn, start=start)  # type: ignore[arg-type]
