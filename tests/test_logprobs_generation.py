@@ -209,7 +209,8 @@ def _tiny(arch: str, **kw):
 def test_fast_decode_equals_model_forward(monkeypatch, arch, autocast, padded):
     """The fused decode step (`alignrl.decode.FastDecoder`) samples the tokens the model's own forward samples,
     with the same log-probs, for Llama (GQA), Qwen2 (q/k/v biases) and Mistral, with and without padding, in
-    fp32 and under bf16 autocast; and it is really used (its step runs once per decoded token)."""
+    fp32 and under bf16 autocast; and it is really used (its step runs once per decoded token), with the model's
+    weights left in float32 while it runs."""
     import alignrl.decode as d
 
     # Mistral without a window: with one, the reference path's attention runs in bf16 SDPA (see _decode_attention)
@@ -219,9 +220,11 @@ def test_fast_decode_equals_model_forward(monkeypatch, arch, autocast, padded):
     params = SamplingParams(16, temperature=1.0, autocast=autocast)
     steps = []
     real_step = d.FastDecoder.step
-    monkeypatch.setattr(d.FastDecoder, "step", lambda self, *a: steps.append(1) or real_step(self, *a))
+    up = model.model.layers[0].mlp.up_proj
+    monkeypatch.setattr(d.FastDecoder, "step", lambda self, *a: steps.append(up.weight.dtype) or real_step(self, *a))
     fast = generate(model, ids, mask, params, [49], 0, seeds=[1, 2, 3])
     assert len(steps) == 15
+    assert set(steps) == {torch.float32}  # it decodes from its own packed copies: no cast copy of the model's
     monkeypatch.setattr(d.FastDecoder, "build", staticmethod(lambda *a: None))
     slow = generate(model, ids, mask, params, [49], 0, seeds=[1, 2, 3])
     assert torch.equal(fast.completion_ids, slow.completion_ids)

@@ -125,12 +125,17 @@ def generate(
     model.eval()
     try:
         amp = torch.autocast(prompt_ids.device.type, params.autocast, enabled=params.autocast is not None)
-        with torch.inference_mode(), _weights_in(model, params.autocast), _decode_attention_on(model) as fp32_kv, amp:
-            u = _uniforms(seeds, params, prompt_ids.device)
-            kv_dtype = torch.float32 if fp32_kv else None
-            ids, logps, n = _sample_loop(
-                model, prompt_ids, prompt_mask, params, eos_token_ids, pad_token_id, u, kv_dtype
-            )
+        with torch.inference_mode(), _decode_attention_on(model) as fp32_kv, amp:
+            batch, width = prompt_ids.shape
+            fast = FastDecoder.build(unwrap(model), width + params.max_new_tokens, batch)
+            # Only the model's own decode loop needs its weights held in the autocast dtype: the fused decoder
+            # keeps its own packed copies, and the prefill forward casts each weight once either way.
+            with _weights_in(model, None if fast is not None else params.autocast):
+                u = _uniforms(seeds, params, prompt_ids.device)
+                kv_dtype = torch.float32 if fp32_kv else None
+                ids, logps, n = _sample_loop(
+                    model, prompt_ids, prompt_mask, params, eos_token_ids, pad_token_id, u, kv_dtype, fast
+                )
     finally:
         model.train(was_training)
     completion_ids = ids[:, :n].clone()  # clone: leave inference mode so training may use these tensors
@@ -153,9 +158,9 @@ def generate(
 
 @contextlib.contextmanager
 def _weights_in(model: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
-    """Linear weights held in the autocast dtype for the sampling loop and restored after it: autocast alone
-    recasts every weight at every token (its cast cache does not work under inference mode), for the same
-    numbers. Costs one copy of those weights in `dtype` while sampling."""
+    """Linear weights held in the autocast dtype while the model's own forward steps the decode, restored after:
+    autocast alone recasts every weight at every token (its cast cache does not work under inference mode), for
+    the same numbers. Costs one copy of those weights in `dtype` while sampling."""
     if dtype is None:
         yield
         return
@@ -255,7 +260,9 @@ class _PreallocatedLayer(DynamicLayer):
         super().reset()
 
 
-def _sample_loop(model, prompt_ids, prompt_mask, params: SamplingParams, eos_token_ids, pad_token_id, u, kv_dtype):
+def _sample_loop(
+    model, prompt_ids, prompt_mask, params: SamplingParams, eos_token_ids, pad_token_id, u, kv_dtype, fast
+):
     device = prompt_ids.device
     batch, P = prompt_ids.shape
     N = params.max_new_tokens
@@ -278,7 +285,6 @@ def _sample_loop(model, prompt_ids, prompt_mask, params: SamplingParams, eos_tok
     )
     next_pos = positions[:, -1:] + 1
     logits = out.logits[:, -1]
-    fast = FastDecoder.build(unwrap(model), P + N, batch)
     if fast is not None:  # the decode steps as plain tensor ops on the cache the prefill filled
         cos, sin = fast.rope(next_pos + torch.arange(N, device=device))
         kv = [(layer._k, layer._v) for layer in cache.layers]  # type: ignore[attr-defined]
