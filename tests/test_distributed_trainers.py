@@ -113,6 +113,18 @@ def test_two_ranks_equal_single_process(algo, mode, tiny_model, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(("algo", "mode"), [("grpo", "fsdp"), ("ppo", "ddp"), ("ppo", "fsdp")])
+def test_gradient_checkpointing_on_two_ranks_gives_the_plain_single_process_update(algo, mode, tiny_model, tmp_path):
+    """Recomputed decoder layers (policy and PPO's separate critic) under DDP / FSDP2 wrapping: the same update as
+    one process keeping its activations."""
+    ref = _single(algo, tiny_model, tmp_path, tmp_path / "single")
+    got = _dist(algo, tiny_model, tmp_path, tmp_path / mode, mode, "gradient_checkpointing=true")
+    assert _max_rel_err(got, ref) < 1e-5
+    if algo == "ppo":
+        assert _max_rel_err(tmp_path / mode / "value_model", tmp_path / "single" / "value_model") < 1e-5
+
+
+@pytest.mark.slow
 def test_grpo_two_ranks_log_the_same_reward_statistics(tiny_model, tmp_path):
     extra = ("max_steps=3", "learning_rate=1e-2")
     _single("grpo", tiny_model, tmp_path, tmp_path / "single", *extra)

@@ -257,3 +257,21 @@ def test_grpo_micro_batches_of_trimmed_similar_lengths_make_the_whole_batch_upda
     assert 0 < whole["truncation_rate"] < 1  # some completions end early, some run the full 12 tokens
     for key in ("loss", "grad_norm", "kl", "completion_length/mean"):
         assert micro[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-7), key
+
+
+def test_grpo_with_gradient_checkpointing_makes_the_same_update(tiny_model, tmp_path):
+    """Recomputing the decoder layers in backward (micro-batches, reference model, bf16 autocast) changes memory,
+    not the step: same loss, gradient norm and KL, same weights after it."""
+    reward = _length_reward_file(tmp_path)
+    runs = []
+    for ckpt in ("false", "true"):
+        cfg = _grpo_cfg(
+            tiny_model, tmp_path / ckpt, f"reward_funcs=[{reward}]", "beta=0.04", "max_steps=1",
+            "micro_batch_size=3", "autocast=bfloat16", f"gradient_checkpointing={ckpt}",
+        )  # fmt: skip
+        final = grpo.train(cfg)
+        runs.append((_metrics(tmp_path / ckpt / "run")[-1], load_file(str(final / "model.safetensors"))))
+    (plain, w_plain), (ckpt_m, w_ckpt) = runs
+    for key in ("loss", "grad_norm", "kl"):
+        assert ckpt_m[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-7), key
+    assert max(float((w_ckpt[k] - w_plain[k]).abs().max()) for k in w_plain) < 1e-6

@@ -52,6 +52,8 @@ class TrainConfig:
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     # log-prob path
     logprob_chunk_tokens: int = 4096  # tokens per lm-head chunk; bounds the [tokens, vocab] float32 buffer
+    # recompute each decoder layer's activations in backward: far less activation memory, ~1 more forward per update
+    gradient_checkpointing: bool = False
     # logging
     logging_steps: int = 1
     eval_steps: int = 0  # 0: evaluate only at the end

@@ -207,6 +207,21 @@ def disable_dropout(model: nn.Module) -> None:
             setattr(cfg, name, 0.0)
 
 
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each decoder layer's activations in backward instead of keeping them (transformers' activation
+    checkpointing, non-reentrant): activation memory drops to the layer inputs, for about one more forward."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise AlignRLError(
+            f"gradient_checkpointing: {type(model).__name__} does not support activation checkpointing; "
+            "set gradient_checkpointing=false"
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers' current name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def apply_lora(model: PreTrainedModel, r: int, alpha: int, dropout: float, targets: list[str]) -> nn.Module:
     """Wrap `model` with a LoRA adapter (peft); the base weights are frozen."""
     from peft import LoraConfig, get_peft_model

@@ -29,6 +29,7 @@ from alignrl.models import (
     apply_lora,
     cast_linear_weights,
     disable_dropout,
+    enable_activation_checkpointing,
     load_causal_lm,
     load_tokenizer,
     pack_frozen_linears,
@@ -199,6 +200,8 @@ def load_policy(cfg: TrainConfig, device: torch.device, *, rl: bool) -> tuple[nn
     if model.config._attn_implementation == "sdpa":  # SDPA, or matmuls where CPU bf16 SDPA is slow (attention.py)
         model.set_attn_implementation(TRAIN_ATTENTION)
     use_lean_mlp(model)  # half the MLP activations kept for backward (mlp.py)
+    if cfg.gradient_checkpointing:
+        enable_activation_checkpointing(model)
     if rl:
         disable_dropout(model)
     if cfg.lora_r > 0:

@@ -30,7 +30,7 @@ from alignrl.config import TrainConfig
 from alignrl.data import infinite_batches, load_rows, require_columns
 from alignrl.errors import AlignRLError
 from alignrl.generation import SamplingParams
-from alignrl.models import adapter_disabled, is_peft, unwrap
+from alignrl.models import adapter_disabled, enable_activation_checkpointing, is_peft, unwrap
 from alignrl.rewards import RewardFunctions
 from alignrl.rollout import evaluate, sample_and_score
 from alignrl.trainers import loop
@@ -227,6 +227,8 @@ class Critic:
         else:
             path = cfg.value_model or next((f for f in cfg.reward_funcs if is_reward_model_dir(f)), cfg.model)
             self.value_model = load_value_model(path, cfg.dtype, device)
+            if cfg.gradient_checkpointing:
+                enable_activation_checkpointing(self.value_model.model)
             self.source = path
         self.wrapped: nn.Module = self.module
 

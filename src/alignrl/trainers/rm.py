@@ -22,7 +22,7 @@ from alignrl.algos.preference import bradley_terry_loss
 from alignrl.config import TrainConfig
 from alignrl.data import PreferenceExample
 from alignrl.errors import AlignRLError
-from alignrl.models import disable_dropout, load_tokenizer
+from alignrl.models import disable_dropout, enable_activation_checkpointing, load_tokenizer
 from alignrl.rewards.reward_model import load_reward_model, pad_batch, reward_scores, rm_add_eos
 from alignrl.trainers import loop
 from alignrl.trainers.dpo import load_pairs, pair_batches, pair_update
@@ -101,6 +101,8 @@ def load_model(cfg: RMConfig, device: torch.device):
     tok = load_tokenizer(cfg.tokenizer or cfg.model)
     model = load_reward_model(cfg.model, tok.pad_token_id, cfg.dtype, device)
     disable_dropout(model)
+    if cfg.gradient_checkpointing:
+        enable_activation_checkpointing(model)
     if cfg.lora_r > 0:  # a plain PeftModel (the causal-LM task type expects generation methods)
         from peft import LoraConfig, get_peft_model
 
