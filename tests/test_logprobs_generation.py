@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -232,6 +234,31 @@ def test_fast_decode_equals_model_forward(monkeypatch, arch, autocast, padded):
     if autocast is None:  # and both equal the training path's log-probs
         lp, _ = token_logprobs(model, fast.input_ids, fast.attention_mask, fast.completion_mask, start=ids.shape[1])
         torch.testing.assert_close(lp, fast.logprobs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_generation_passes_the_kv_cache_under_the_current_keyword(monkeypatch, arch):
+    """transformers 5.24 renamed `past_key_values` to `cache` (the old name warns, and goes in 5.40): both decode
+    paths (the fused step after the model's prefill, and the model's own forward per token) use the name the
+    installed version takes, so no deprecation warning is raised and the cache is really used."""
+    import alignrl.decode as d
+
+    model = _tiny(arch, **({"sliding_window": None} if arch == "mistral" else {}))
+    ids, mask = left_pad([[5, 6, 7, 8, 9], [3, 4]], 0)
+    params = SamplingParams(6, temperature=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        fast = generate(model, ids, mask, params, [10**6], 0)  # an EOS it cannot sample: all 6 tokens run
+        monkeypatch.setattr(d.FastDecoder, "build", staticmethod(lambda *a: None))
+        slow = generate(model, ids, mask, params, [10**6], 0)
+    assert torch.equal(fast.completion_ids, slow.completion_ids)
+    # greedy tokens equal a cache-free forward over the growing sequence
+    seq, m = ids, mask
+    for j in range(slow.completion_ids.shape[1]):
+        pos = (m.cumsum(-1) - 1).clamp(min=0)
+        nxt = model(input_ids=seq, attention_mask=m, position_ids=pos).logits[:, -1].argmax(-1)
+        assert torch.equal(nxt, slow.completion_ids[:, j])
+        seq, m = torch.cat([seq, nxt[:, None]], 1), torch.cat([m, torch.ones_like(m[:, :1])], 1)
 
 
 def test_fast_decode_declines_what_it_does_not_reproduce(tiny_model):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -260,6 +261,13 @@ class _PreallocatedLayer(DynamicLayer):
         super().reset()
 
 
+def _cache_kwarg(model: nn.Module) -> str:
+    """The name the model's forward takes its KV cache by: `cache` from transformers 5.24 (which deprecates
+    `past_key_values`, to be removed in 5.40), `past_key_values` before."""
+    params = inspect.signature(unwrap(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _sample_loop(
     model, prompt_ids, prompt_mask, params: SamplingParams, eos_token_ids, pad_token_id, u, kv_dtype, fast
 ):
@@ -275,13 +283,13 @@ def _sample_loop(
     positions = position_ids_from_mask(prompt_mask)
     # Without left padding the causal mask is implied: passing none skips building a 4D mask every token.
     padded = not bool(prompt_mask.bool().all())
+    with_cache = {_cache_kwarg(model): cache, "use_cache": True}
     out = model(
         input_ids=prompt_ids,
         attention_mask=attn[:, :P] if padded else None,
         position_ids=positions,
-        past_key_values=cache,
-        use_cache=True,
         logits_to_keep=1,
+        **with_cache,
     )
     next_pos = positions[:, -1:] + 1
     logits = out.logits[:, -1]
@@ -309,8 +317,7 @@ def _sample_loop(
             input_ids=tokens[:, step : step + 1],
             attention_mask=attn[:, : P + step + 1] if padded else None,  # a view: no per-token cat
             position_ids=next_pos,
-            past_key_values=cache,
-            use_cache=True,
+            **with_cache,
         )
         logits = out.logits[:, -1]
         next_pos = next_pos + 1
