@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -263,9 +263,10 @@ class _PreallocatedLayer(DynamicLayer):
 
 def _cache_kwarg(model: nn.Module) -> str:
     """The name the model's forward takes its KV cache by: `cache` from transformers 5.24 (which deprecates
-    `past_key_values`, to be removed in 5.40), `past_key_values` before."""
-    params = inspect.signature(unwrap(model).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    `past_key_values`, to be removed in 5.40), `past_key_values` before. Read off the first transformers model
+    inside `model`, so wrappers that pass keywords through (DDP, peft, a user's own) get the same name."""
+    lm = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), model)
+    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
 
 
 def _sample_loop(
