@@ -54,10 +54,15 @@ def release_freed_memory() -> None:
         _MALLOC_TRIM(0)
 
 
+def by_length(mask: torch.Tensor) -> torch.Tensor:
+    """Row indices sorted by length (`mask` [N, T] row sums), ties in batch order: consecutive rows then share a
+    micro-batch that runs only as wide as its longest row (`logprobs.needed_span`)."""
+    return mask.sum(1).argsort(stable=True)
+
+
 def length_grouped(mask: torch.Tensor, size: int) -> list[torch.Tensor]:
-    """Row indices of a batch in micro-batches of `size`, rows sorted by length (`mask` [N, T] row sums, stable):
-    each micro-batch then runs only as wide as its longest row (`logprobs.needed_span`)."""
-    return list(mask.sum(1).argsort(stable=True).split(size))
+    """Row indices of a batch in micro-batches of `size`, rows sorted by length (`by_length`)."""
+    return list(by_length(mask).split(size))
 
 
 def set_seed(seed: int) -> None:

@@ -433,7 +433,7 @@ def ppo_update(
         for k in range(cfg.num_mini_batches):
             glob = order[k * mb : (k + 1) * mb]
             local = (glob[(glob >= lo) & (glob < lo + n)] - lo).to(ids.device)  # this rank's rows of it
-            local = local[mask[local].sum(1).argsort(stable=True)]  # similar lengths share a micro-batch (shorter)
+            local = local[loop.by_length(mask[local])]  # similar lengths share a micro-batch (a shorter one)
             n_tok = dist.all_reduce(mask[local].sum()).clamp(min=1)
             n_micro = dist.all_reduce(-(-len(local) // micro), "max")  # same number of forwards on every rank
             for j in range(n_micro):
