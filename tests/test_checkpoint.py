@@ -241,8 +241,11 @@ def test_signal_inside_stop_on_signals_saves_at_end_of_step(tiny_model, tmp_path
     finally:
         signal.signal(signal.SIGINT, outer)
     assert checkpoint.latest_checkpoint(tmp_path / "run") == tmp_path / "run" / "checkpoint-2"
-    # a fresh run in the same output_dir drops the earlier run's checkpoints (resume=auto must not find them)
-    _tiny_run(tiny_model, tmp_path)
+    # a fresh run in the same output_dir refuses to replace the earlier run; overwrite_output_dir=true replaces it
+    with pytest.raises(AlignRLError, match=r"already holds an earlier train run \(checkpoint-2\); continue it with"):
+        _tiny_run(tiny_model, tmp_path)
+    assert checkpoint.latest_checkpoint(tmp_path / "run") == tmp_path / "run" / "checkpoint-2"
+    _tiny_run(tiny_model, tmp_path, "overwrite_output_dir=true")
     assert checkpoint.list_checkpoints(tmp_path / "run") == []
 
 

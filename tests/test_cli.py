@@ -9,7 +9,7 @@ def test_overrides_before_and_after_config(tmp_path, capsys):
     for argv in (["train", "grpo", "--config", str(cfg), "model=/nonexistent"],
                  ["train", "grpo", "model=/nonexistent", "--config", str(cfg)]):
         assert main(argv) == 2
-        assert "alignrl: error: tokenizer: /nonexistent is not a directory" in capsys.readouterr().err
+        assert "alignrl: error: model: /nonexistent does not exist" in capsys.readouterr().err
 
 
 def test_stray_flag_is_rejected(capsys):

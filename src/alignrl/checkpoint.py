@@ -33,7 +33,7 @@ Layout of OUTPUT_DIR/checkpoint-STEP/ (written in a temporary sibling directory,
 - module-NAME.safetensors: each registered nn.Module component;
 - trainer_state.pt: the registered components' states, RNG states and counters (read with weights_only=True);
 - config.yaml: the run's config; alignrl_checkpoint.json: the completion marker, written last, listing every
-  file and its size. A directory without a valid marker (half-written) is never loaded.
+  file with its size and SHA-256, and the algorithm. A directory without a valid marker (half-written) is never loaded.
 
 Signals: inside `stop_on_signals()` (the CLI wraps every command in it) the first SIGINT/SIGTERM asks the loop to
 save a checkpoint at the end of the current step and raise `TrainingStopped`; the CLI then exits with status
@@ -44,6 +44,7 @@ model. A second signal stops at once (the last complete checkpoint is still used
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -66,7 +67,8 @@ from alignrl.models import atomic_dir, is_peft, unwrap, write_pretrained
 MARKER = "alignrl_checkpoint.json"
 STATE_FILE = "trainer_state.pt"
 TRAINABLE_FILE = "trainable.safetensors"
-FORMAT = 1
+FORMAT = 2  # 2 adds a SHA-256 per file; format 1 (sizes only) still loads
+_FORMATS = (1, 2)
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -173,9 +175,11 @@ def save_checkpoint(
     state: dict[str, Any],
     config_yaml: str | None = None,
     modules: dict[str, nn.Module] | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> Path:
     """Write OUTPUT_DIR/checkpoint-STEP atomically: temp dir, files, marker last, fsync, rename, fsync parent.
-    `modules` (extra networks, e.g. a value head) go to module-NAME.safetensors; `state` to trainer_state.pt."""
+    `modules` (extra networks, e.g. a value head) go to module-NAME.safetensors; `state` to trainer_state.pt;
+    `meta` (e.g. the algorithm) to the marker."""
     from safetensors.torch import save_file, save_model
 
     final = checkpoint_dir(out_dir, step)
@@ -192,27 +196,60 @@ def save_checkpoint(
         torch.save({"format": FORMAT, "step": step, **state}, tmp / STATE_FILE)
         if config_yaml is not None:
             (tmp / "config.yaml").write_text(config_yaml)
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        (tmp / MARKER).write_text(json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
+        write_marker(tmp, step, meta)
         _fsync_path(tmp)
     _fsync_path(final.parent)
     return final
 
 
+def write_marker(tmp: Path, step: int, meta: dict[str, Any] | None = None) -> None:
+    """The completion marker, written last: every file's size and SHA-256, the step and `meta`."""
+    files = {str(p.relative_to(tmp)): _file_record(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    marker = {"format": FORMAT, "step": step, **(meta or {}), "files": files}
+    (tmp / MARKER).write_text(json.dumps(marker, indent=1))
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def read_marker(path: str | Path) -> dict[str, Any]:
+    return json.loads((Path(path) / MARKER).read_text())
+
+
+def _sizes(marker: dict[str, Any]) -> dict[str, int]:
+    """name -> size from a marker (format 1 stored the size alone)."""
+    return {n: (r["size"] if isinstance(r, dict) else r) for n, r in marker["files"].items()}
+
+
 def is_complete(path: str | Path) -> bool:
-    """True when `path` has a valid completion marker and every file it lists, at the recorded size."""
+    """True when `path` has a valid completion marker and every file it lists, at the recorded size (cheap; the
+    checksums are checked by `corrupt_file` before a checkpoint is loaded)."""
     path = Path(path)
     try:
-        marker = json.loads((path / MARKER).read_text())
-        return marker["format"] == FORMAT and all(
-            (path / name).is_file() and (path / name).stat().st_size == size for name, size in marker["files"].items()
+        marker = read_marker(path)
+        return marker["format"] in _FORMATS and all(
+            (path / name).is_file() and (path / name).stat().st_size == size for name, size in _sizes(marker).items()
         )
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
+def corrupt_file(path: str | Path) -> str | None:
+    """The first file of a complete checkpoint whose SHA-256 differs from its marker's, else None."""
+    path = Path(path)
+    for name, record in read_marker(path)["files"].items():
+        if isinstance(record, dict) and _file_record(path / name)["sha256"] != record["sha256"]:
+            return name
+    return None
+
+
 def checkpoint_step(path: str | Path) -> int:
-    return int(json.loads((Path(path) / MARKER).read_text())["step"])
+    return int(read_marker(path)["step"])
 
 
 def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
@@ -232,18 +269,50 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def resolve_resume(resume: str | None, out_dir: str | Path) -> Path | None:
-    """`None` -> fresh run; `auto` -> the latest complete checkpoint in out_dir (fresh if none); else a path."""
+def resolve_resume(resume: str | None, out_dir: str | Path, algorithm: str | None = None) -> Path | None:
+    """`None` -> fresh run; `auto` -> the latest complete, intact checkpoint in out_dir (fresh if none; a
+    checkpoint whose checksums fail is set aside as checkpoint-N.corrupt with a message and the previous one is
+    used); else that checkpoint directory, which must be intact. With `algorithm`, another trainer's checkpoint is
+    refused."""
     if not resume:
         return None
     if resume == "auto":
-        return latest_checkpoint(out_dir)
+        for _, path in reversed(list_checkpoints(out_dir)):
+            bad = corrupt_file(path)
+            if bad is None:
+                _check_algorithm(path, algorithm)
+                return path
+            aside = _set_aside(path)
+            print(
+                f"alignrl: resume: {path / bad} does not match its checksum; moved the checkpoint to {aside.name} "
+                "and trying the previous one",
+                file=sys.stderr,
+            )
+        return None
     path = Path(resume)
     if not path.is_dir():
         raise AlignRLError(f"resume: {resume} is not a directory (use auto or a checkpoint-N directory)")
     if not is_complete(path):
         raise AlignRLError(f"resume: {resume} is not a complete alignrl checkpoint (no valid {MARKER})")
+    bad = corrupt_file(path)
+    if bad is not None:
+        raise AlignRLError(f"resume: {path / bad} does not match its checksum (the checkpoint is corrupt)")
+    _check_algorithm(path, algorithm)
     return path
+
+
+def _check_algorithm(path: Path, algorithm: str | None) -> None:
+    saved = read_marker(path).get("algorithm")
+    if algorithm is not None and saved is not None and saved != algorithm:
+        raise AlignRLError(f"resume: {path} is a {saved} checkpoint, not {algorithm}")
+
+
+def _set_aside(path: Path) -> Path:
+    aside = path.with_name(f"{path.name}.corrupt")
+    if aside.exists():
+        aside = path.with_name(f"{path.name}.corrupt-{os.getpid()}")
+    os.replace(path, aside)
+    return aside
 
 
 def rotate(out_dir: str | Path, keep: int) -> None:
@@ -256,18 +325,26 @@ def rotate(out_dir: str | Path, keep: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def discard_after(out_dir: str | Path, step: int) -> list[Path]:
-    """Delete checkpoint-N directories with N > step (complete or not): a run that starts fresh (step -1) or
-    resumes at `step` in out_dir replaces whatever an earlier run saved later, so resume=auto never picks it."""
+def discard_after(out_dir: str | Path, step: int, allowed: bool = True) -> list[Path]:
+    """Delete checkpoint-N directories with N > step (complete or not), so that a run resuming at `step` in
+    out_dir never later picks up what an earlier run saved after it. With `allowed` false (an explicit resume
+    path without overwrite_output_dir) a complete later checkpoint is an error instead: the user did not ask to
+    lose it."""
     out = Path(out_dir)
-    gone = []
+    later = []
     if out.is_dir():
-        for p in sorted(out.iterdir()):
-            m = _NAME.match(p.name)
-            if m and p.is_dir() and int(m.group(1)) > step:
-                shutil.rmtree(p, ignore_errors=True)
-                gone.append(p)
-    return gone
+        later = [p for p in sorted(out.iterdir()) if (m := _NAME.match(p.name)) and p.is_dir() and int(m[1]) > step]
+    kept = [p for p in later if is_complete(p)]
+    if kept and not allowed:
+        raise AlignRLError(
+            f"resume: {out} holds {kept[-1].name}, saved after step {step}; resuming from step {step} here would "
+            "replace it: set overwrite_output_dir=true, or resume into another output_dir"
+        )
+    for p in later:
+        shutil.rmtree(p, ignore_errors=True)
+    if later:
+        print(f"alignrl: removed {len(later)} checkpoint(s) saved after step {step} in {out}", file=sys.stderr)
+    return later
 
 
 def load_checkpoint(
@@ -278,11 +355,25 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore the model's (and `modules`') weights from `path`'s safetensors files and return the rest of the
     state, read with torch.load(weights_only=True): no pickled code is ever executed."""
-    from safetensors.torch import load_file, load_model
-
     path = Path(path)
     if not is_complete(path):
         raise AlignRLError(f"resume: {path} is not a complete checkpoint")
+    try:
+        _load_weights(path, model, modules)
+    except AlignRLError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a corrupt file the checksums did not cover (format 1): one line
+        raise AlignRLError(f"resume: cannot read the weights in {path}: {type(e).__name__}: {e}") from None
+    try:
+        state = torch.load(path / STATE_FILE, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - corrupt or foreign file: one line
+        raise AlignRLError(f"resume: cannot read {path / STATE_FILE}: {type(e).__name__}: {e}") from None
+    return state
+
+
+def _load_weights(path: Path, model: nn.Module, modules: dict[str, nn.Module] | None) -> None:
+    from safetensors.torch import load_file, load_model
+
     for name, module in (modules or {}).items():
         file = path / f"module-{name}.safetensors"
         if not file.is_file():
@@ -303,11 +394,6 @@ def load_checkpoint(
                 params[n].copy_(t)
     else:
         _load_hf_weights(path, unwrap(model))
-    try:
-        state = torch.load(path / STATE_FILE, map_location=device, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - corrupt or foreign file: one line
-        raise AlignRLError(f"resume: cannot read {path / STATE_FILE}: {type(e).__name__}: {e}") from None
-    return state
 
 
 def _load_hf_weights(path: Path, model: nn.Module) -> None:

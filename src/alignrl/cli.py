@@ -51,6 +51,16 @@ def run_training(algo: str, config: str | None, overrides: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point: exit 0 on success, 2 on bad input (one line on stderr), 1 on a system error, 128+N after a
+    signal."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # also during start-up (imports, model loading), before any handler is installed
+        print("alignrl: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="alignrl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -61,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     p_init.add_argument("--heads", type=int, default=4)
     p_init.add_argument("--max-length", type=int, default=256)
     p_init.add_argument("--seed", type=int, default=0)
+    p_init.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
 
     p_train = sub.add_parser("train", help="train with an algorithm: " + ", ".join(ALGORITHMS))
     p_train.add_argument("algo")
@@ -92,9 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     except AlignRLError as e:
         print(f"alignrl: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("alignrl: interrupted", file=sys.stderr)
-        return 130
+    except OSError as e:  # the system, not the input: unwritable directory, ...
+        where = f": {e.filename}" if e.filename else ""
+        print(f"alignrl: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -104,7 +116,8 @@ def _dispatch(args: argparse.Namespace) -> None:
         from alignrl.models import init_model
 
         out = init_model(
-            args.out, args.hidden_size, args.layers, args.heads, args.max_length, seed=args.seed
+            args.out, args.hidden_size, args.layers, args.heads, args.max_length, seed=args.seed,
+            overwrite=args.overwrite,
         )
         print(f"created {out}")
     elif args.command == "train":

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 
@@ -62,7 +64,61 @@ class TrainConfig:
     save_steps: int = 500  # checkpoint OUTPUT_DIR/checkpoint-STEP every N steps; 0: only on SIGINT/SIGTERM
     save_total_limit: int = 2  # keep the newest N checkpoints; 0 keeps all
     resume: str | None = None  # auto (latest complete checkpoint in output_dir, else start fresh) or a checkpoint dir
+    # a fresh run refuses an output_dir holding an earlier run; true replaces that run's checkpoints, final/ and logs
+    overwrite_output_dir: bool = False
     max_nonfinite_in_a_row: int = 10  # abort after N consecutive updates skipped for a non-finite loss/grad; 0: never
+
+    # options a checkpoint's state depends on: resume refuses to change them (others are reported)
+    RESUME_FIXED: ClassVar[tuple[str, ...]] = ("model", "tokenizer", "lora_r", "lora_alpha", "lora_target_modules")
+
+    def validate(self) -> None:
+        """Ranges of the shared options (trainer configs extend this)."""
+        checks = {
+            "learning_rate": self.learning_rate > 0,
+            "max_steps": self.max_steps >= 1,
+            "weight_decay": self.weight_decay >= 0,
+            "adam_beta1": 0 <= self.adam_beta1 < 1,
+            "adam_beta2": 0 <= self.adam_beta2 < 1,
+            "adam_epsilon": self.adam_epsilon > 0,
+            "warmup_steps": self.warmup_steps >= 0,
+            "max_grad_norm": self.max_grad_norm >= 0,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps >= 1,
+            "eval_fraction": 0 <= self.eval_fraction < 1,
+            "num_threads": self.num_threads >= 0,
+            "lora_r": self.lora_r >= 0,
+            "lora_alpha": self.lora_alpha > 0,
+            "lora_dropout": 0 <= self.lora_dropout < 1,
+            "logprob_chunk_tokens": self.logprob_chunk_tokens >= 1,
+            "logging_steps": self.logging_steps >= 1,
+            "eval_steps": self.eval_steps >= 0,
+            "save_steps": self.save_steps >= 0,
+            "save_total_limit": self.save_total_limit >= 0,
+            "max_nonfinite_in_a_row": self.max_nonfinite_in_a_row >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                rule = _RANGES.get(name, "must be ≥ 0")
+                raise AlignRLError(f"{name}: {rule}, got {getattr(self, name)!r}")
+
+
+_RANGES = {
+    "learning_rate": "must be > 0",
+    "max_steps": "must be ≥ 1",
+    "adam_beta1": "must be in [0, 1)",
+    "adam_beta2": "must be in [0, 1)",
+    "adam_epsilon": "must be > 0",
+    "gradient_accumulation_steps": "must be ≥ 1",
+    "eval_fraction": "must be in [0, 1)",
+    "lora_alpha": "must be > 0",
+    "lora_dropout": "must be in [0, 1)",
+    "logprob_chunk_tokens": "must be ≥ 1",
+    "logging_steps": "must be ≥ 1",
+}
+
+
+def algorithm_of(cfg: Any) -> str:
+    """The algorithm a config belongs to, from its class name (GRPOConfig -> grpo; TrainConfig -> train)."""
+    return type(cfg).__name__.removesuffix("Config").lower()
 
 
 def _type_name(tp: Any) -> str:
@@ -111,14 +167,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         raise AlignRLError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise AlignRLError(f"{where}: expected a number, got {value!r}")
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None:
+            raise AlignRLError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise AlignRLError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -161,7 +220,9 @@ def load_config(cls: type[C], path: str | None, overrides: list[str] | None = No
         if not p.is_file():
             raise AlignRLError(f"config file {path} not found")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise AlignRLError(f"{path}: not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f" line {mark.line + 1}" if mark else ""

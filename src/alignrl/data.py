@@ -58,8 +58,13 @@ def load_rows(path: str, split: str = "train") -> Rows:
     if not p.is_file():
         raise AlignRLError(f"{path}: no such file or directory")
     rows, lines = [], []
-    with p.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
+    with p.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad = f"byte 0x{raw[e.start]:02x} at column {e.start + 1}"
+                raise AlignRLError(f"{path} line {n}: not UTF-8 ({bad})") from None
             if not line.strip():
                 continue
             try:

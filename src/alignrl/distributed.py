@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -473,6 +472,7 @@ def save_checkpoint(
     state: dict[str, Any],
     config_yaml: str | None = None,
     modules: dict[str, nn.Module] | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> Path:
     """OUTPUT_DIR/checkpoint-STEP of a multi-process run, in the layout of `alignrl.checkpoint` plus
     `distributed/` (model and optimiser shards written by every rank with DCP) and `rng-rankR.pt` (each rank's
@@ -501,9 +501,7 @@ def save_checkpoint(
                 (tmp / "config.yaml").write_text(config_yaml)
         barrier()  # every rank's shards are on disk before the marker lists them
         if is_main():
-            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-            marker = {"format": ck.FORMAT, "step": step, "files": files, "world_size": world_size()}
-            (tmp / ck.MARKER).write_text(json.dumps(marker, indent=1))
+            ck.write_marker(tmp, step, {**(meta or {}), "world_size": world_size()})
     barrier()  # renamed before any rank goes on (and possibly rotates or resumes)
     return final
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -56,10 +57,21 @@ def init_model(
     max_length: int = 256,
     intermediate_size: int | None = None,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> Path:
-    """Create a small Llama-style model with a character tokenizer and save both as a normal HF directory."""
+    """Create a small Llama-style model with a character tokenizer and save both as a normal HF directory.
+    An existing `out_dir` is refused (a file always; a non-empty directory unless `overwrite`)."""
+    for flag, value in (("--hidden-size", hidden_size), ("--layers", num_layers), ("--heads", num_heads),
+                        ("--max-length", max_length), ("--intermediate-size", intermediate_size or 1)):  # fmt: skip
+        if value < 1:
+            raise AlignRLError(f"{flag}: must be ≥ 1, got {value}")
     if hidden_size % num_heads:
         raise AlignRLError(f"--hidden-size {hidden_size} must be divisible by --heads {num_heads}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise AlignRLError(f"--out: {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise AlignRLError(f"--out: {out} is not empty; choose another directory or pass --overwrite to replace it")
     tok = build_char_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tok),
@@ -97,28 +109,54 @@ def resolve_device(device: str) -> torch.device:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _check_model_dir(path: str) -> None:
+def check_model_dir(path: str, option: str = "model") -> None:
+    """One-line errors for a model path that is unset, missing or not an HF model directory."""
     if not path:
-        raise AlignRLError("model: no model directory given (set model=PATH)")
+        raise AlignRLError(f"{option}: no model given (set {option}=PATH in the config or on the command line)")
+    if not Path(path).exists():
+        raise AlignRLError(f"{option}: {path} does not exist")
     if not (Path(path) / "config.json").is_file():
-        raise AlignRLError(f"model: {path} is not a Hugging Face model directory (no config.json)")
+        raise AlignRLError(f"{option}: {path} is not a Hugging Face model directory (no config.json)")
 
 
-def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str, option: str = "tokenizer") -> PreTrainedTokenizerBase:
     """Load a tokenizer from a local directory; set a pad token (eos) if it has none."""
-    if not Path(path).is_dir():
-        raise AlignRLError(f"tokenizer: {path} is not a directory")
-    tok = AutoTokenizer.from_pretrained(path)
+    if not path or not Path(path).is_dir():
+        raise AlignRLError(f"{option}: {path or '(empty)'} is not a directory")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise AlignRLError(f"{option}: cannot load a tokenizer from {path} ({_first_line(e)})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
-def load_causal_lm(path: str, dtype: str = "float32", device: torch.device | str = "cpu") -> PreTrainedModel:
+def load_causal_lm(
+    path: str, dtype: str = "float32", device: torch.device | str = "cpu", option: str = "model"
+) -> PreTrainedModel:
     """Load a local causal LM with dropout off-able via `model.eval()`; never downloads."""
-    _check_model_dir(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
+    check_model_dir(path, option)
+    with model_load_errors(path, option):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
     return model.to(device)
+
+
+@contextlib.contextmanager
+def model_load_errors(path: str, option: str = "model") -> Iterator[None]:
+    """Turn what transformers/safetensors raise on a truncated or corrupt weights file, or an unknown
+    architecture, into one line naming the directory."""
+    try:
+        yield
+    except AlignRLError:
+        raise
+    except Exception as e:  # noqa: BLE001 - OSError, ValueError, safetensors' SafetensorError, ...
+        raise AlignRLError(f"{option}: cannot load {path}: {type(e).__name__}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def packed_linear(
@@ -269,10 +307,12 @@ def atomic_dir(final: str | Path):
 
     @contextlib.contextmanager
     def _cm() -> Iterator[Path]:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        with disk_errors(final):
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         try:
-            yield tmp
-            _fsync_dir(tmp)
+            with disk_errors(final):
+                yield tmp
+                _fsync_dir(tmp)
             if final.exists():
                 old = final.with_name(f".{final.name}.old-{os.getpid()}")
                 os.replace(final, old)
@@ -285,6 +325,27 @@ def atomic_dir(final: str | Path):
                 shutil.rmtree(tmp, ignore_errors=True)
 
     return _cm()
+
+
+@contextlib.contextmanager
+def disk_errors(target: Path) -> Iterator[None]:
+    """A full disk while writing `target` becomes one line saying so and where (torch and safetensors report it
+    as RuntimeError or their own errors, not always as OSError ENOSPC)."""
+    try:
+        yield
+    except Exception as e:
+        free = _free_bytes(target.parent)
+        full = free is not None and free < 1 << 20
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or full:
+            raise AlignRLError(f"no space left on device writing {target} ({free} bytes free there)") from None
+        raise
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
 
 
 def save_pretrained_atomic(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -10,7 +11,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from alignrl.data import encode, render_prompt
+from alignrl import distributed as dist
+from alignrl.data import Rows, encode, render_prompt
+from alignrl.errors import AlignRLError
 from alignrl.generation import Rollout, SamplingParams, generate, left_pad
 from alignrl.rewards import RewardFunctions
 
@@ -38,6 +41,40 @@ def encode_prompts(
         ids = encode(tokenizer, render_prompt(row["prompt"], tokenizer, where))
         out.append(ids[-max_prompt_length:])
     return out
+
+
+def check_prompt_lengths(
+    rows: Rows, tokenizer: PreTrainedTokenizerBase, max_prompt_length: int, max_completion_length: int, model: nn.Module
+) -> int:
+    """Tokenize every prompt once before training: prompts longer than max_prompt_length are counted and reported
+    (sampling keeps their last max_prompt_length tokens); a kept prompt longer than the model's positions is an
+    error, and one that leaves no room for max_completion_length a warning. Returns the number cut."""
+    texts = [render_prompt(r["prompt"], tokenizer, rows.where(i)) for i, r in enumerate(rows.rows)]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids]
+    cut = [i for i, n in enumerate(lengths) if n > max_prompt_length]
+    if cut and dist.is_main():
+        print(
+            f"alignrl: warning: {len(cut)} of {len(rows)} prompts are longer than max_prompt_length="
+            f"{max_prompt_length} tokens and are cut to their last {max_prompt_length} (first: {rows.where(cut[0])}, "
+            f"{lengths[cut[0]]} tokens)",
+            file=sys.stderr,
+        )
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and lengths:
+        longest = max(range(len(lengths)), key=lengths.__getitem__)
+        kept = min(lengths[longest], max_prompt_length)
+        if kept > positions:
+            raise AlignRLError(
+                f"{rows.where(longest)}: prompt of {kept} tokens (after max_prompt_length={max_prompt_length}) is "
+                f"longer than the model's {positions} positions; set max_prompt_length ≤ {positions - 1}"
+            )
+        if kept + max_completion_length > positions and dist.is_main():
+            print(
+                f"alignrl: warning: the longest prompt ({kept} tokens, {rows.where(longest)}) plus "
+                f"max_completion_length={max_completion_length} exceeds the model's {positions} positions",
+                file=sys.stderr,
+            )
+    return len(cut)
 
 
 @dataclass

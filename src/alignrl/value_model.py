@@ -26,7 +26,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from alignrl.errors import AlignRLError
 from alignrl.logprobs import needed_span, position_ids_from_mask
-from alignrl.models import DTYPES, disable_dropout, unwrap
+from alignrl.models import DTYPES, disable_dropout, model_load_errors, unwrap
 
 
 def is_reward_model_dir(path: str | Path) -> bool:
@@ -76,12 +76,15 @@ def load_value_model(path: str, dtype: str = "float32", device: torch.device | s
     if not (Path(path) / "config.json").is_file():
         raise AlignRLError(f"value_model: {path} is not a Hugging Face model directory (no config.json)")
     from_rm = is_reward_model_dir(path)
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=DTYPES[dtype], local_files_only=True
-        )
-    except ValueError as e:
-        raise AlignRLError(f"value_model: {path}: no sequence-classification variant of this model ({e})") from None
+    with model_load_errors(path, "value_model"):
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, dtype=DTYPES[dtype], local_files_only=True
+            )
+        except ValueError as e:
+            raise AlignRLError(
+                f"value_model: {path}: no sequence-classification variant of this model ({e})"
+            ) from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     vm = ValueModel(model)

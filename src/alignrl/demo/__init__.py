@@ -52,12 +52,14 @@ class DemoContext:
             self.log(f"reusing SFT model {final}")
             return str(final)
         self.log(f"creating a tiny model in {self.root / 'model'}")
-        init_model(self.root / "model", hidden_size=128, num_layers=4, num_heads=4, max_length=64, seed=self.seed)
+        init_model(self.root / "model", hidden_size=128, num_layers=4, num_heads=4, max_length=64, seed=self.seed,
+                   overwrite=True)  # the demo's own working directory
         self.log("SFT on the careless teacher's worked solutions")
         cfg = load_config(sft.SFTConfig, None, [
             f"model={self.root / 'model'}", f"train_file={self.data('sft')}", f"output_dir={self.root / 'sft'}",
             f"seed={self.seed}", "batch_size=64", "max_length=32", "learning_rate=1e-3", "warmup_steps=50",
             "lr_scheduler=cosine", f"max_steps={key['steps']}", "weight_decay=0.01", "logging_steps=50",
+            "overwrite_output_dir=true",
         ])  # fmt: skip
         out = str(sft.train(cfg))
         marker.write_text(json.dumps(key))

@@ -16,6 +16,7 @@ def run(ctx: DemoContext) -> list[tuple[str, str]]:
     ctx.log(f"DPO on {pairs.n_train} pairs")
     cfg = load_config(dpo.DPOConfig, None, [
         f"model={sft_dir}", f"train_file={pairs.train}", f"eval_file={pairs.eval}", f"output_dir={ctx.root / 'dpo'}",
+        "overwrite_output_dir=true",
         f"seed={ctx.seed}", "loss_type=sigmoid", "beta=0.5", "batch_size=32", "eval_batch_size=128",
         "max_length=64", "learning_rate=1e-4", "warmup_steps=10", "lr_scheduler=cosine",
         f"max_steps={ctx.steps(80, 2)}", "logging_steps=25", "on_bad_row=skip",

@@ -12,7 +12,8 @@ def run(ctx: DemoContext) -> list[tuple[str, str]]:
     acc_sft = ctx.accuracy(sft_dir)
     ctx.log(f"SFT held-out accuracy {acc_sft:.1%}; GRPO with the answer-match reward")
     cfg = load_config(grpo.GRPOConfig, None, [
-        f"model={sft_dir}", f"train_file={ctx.data('rl')}", f"output_dir={ctx.root / 'grpo'}", f"seed={ctx.seed}",
+        f"model={sft_dir}", f"train_file={ctx.data('rl')}", f"output_dir={ctx.root / 'grpo'}",
+        "overwrite_output_dir=true", f"seed={ctx.seed}",
         "reward_funcs=[gsm8k]", "prompts_per_step=32", "num_generations=8", "max_completion_length=24",
         "learning_rate=2e-4", "temperature=1.0", "beta=0.0", f"max_steps={ctx.steps(60, 3)}", "logging_steps=10",
     ])  # fmt: skip

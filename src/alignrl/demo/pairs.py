@@ -125,6 +125,7 @@ def train_reward_model(
     ctx.log(f"training a reward model on {pairs.n_train} pairs")
     cfg = load_config(rm.RMConfig, None, [
         f"model={sft_dir}", f"train_file={pairs.train}", f"eval_file={pairs.eval}", f"output_dir={ctx.root / 'rm'}",
+        "overwrite_output_dir=true",
         f"seed={ctx.seed}", "batch_size=32", "eval_batch_size=128", "max_length=64", "learning_rate=1e-4",
         "warmup_steps=20", "lr_scheduler=cosine", f"max_steps={steps}", "center_rewards_coefficient=0.01",
         "logging_steps=25", "on_bad_row=skip",

@@ -34,7 +34,8 @@ def run(ctx: DemoContext) -> list[tuple[str, str]]:
     ctx.log(f"SFT held-out accuracy {acc_sft:.1%}, reward-model score {score_sft:+.2f}; PPO on the reward model")
     out = ctx.root / "ppo"
     cfg = load_config(ppo.PPOConfig, None, [
-        f"model={sft_dir}", f"train_file={ctx.data('rl')}", f"output_dir={out}", f"seed={ctx.seed}",
+        f"model={sft_dir}", f"train_file={ctx.data('rl')}", f"output_dir={out}",
+        "overwrite_output_dir=true", f"seed={ctx.seed}",
         f"reward_funcs=[{rm_dir}]", "missing_eos_penalty=1.0", "prompts_per_step=128", "num_generations=1",
         "max_completion_length=24", "temperature=1.0", "learning_rate=1e-4", "kl_coef=1.0",
         "num_ppo_epochs=2", "num_mini_batches=2", f"max_steps={ctx.steps(PPO_STEPS, 2)}", "logging_steps=1",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import threading
 from collections.abc import Callable, Sequence
 from math import nan  # not `import math`: the submodule alignrl.rewards.math would shadow it
 from pathlib import Path
@@ -48,7 +49,9 @@ def load_reward_function(spec: str) -> tuple[str, RewardFn]:
         module = importlib.util.module_from_spec(mod_spec)
         try:
             mod_spec.loader.exec_module(module)
-        except Exception as e:  # noqa: BLE001 - user code
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # noqa: BLE001 - user code, SystemExit included
             raise AlignRLError(
                 f"reward_funcs: importing {module_part} failed: {type(e).__name__}: {e}"
             ) from None
@@ -57,6 +60,10 @@ def load_reward_function(spec: str) -> tuple[str, RewardFn]:
             module = importlib.import_module(module_part)
         except ImportError as e:
             raise AlignRLError(f"reward_funcs: cannot import {module_part!r} ({e})") from None
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # noqa: BLE001 - user code, SystemExit included
+            raise AlignRLError(f"reward_funcs: importing {module_part} failed: {type(e).__name__}: {e}") from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise AlignRLError(f"reward_funcs: {module_part} has no function {fn_name!r}")
@@ -75,12 +82,72 @@ def required_columns(fn: RewardFn) -> list[str]:
     return out
 
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+class _RealInterrupt(KeyboardInterrupt):
+    """A Ctrl-C delivered to the main thread while it waited for a reward function (not the function's own)."""
+
+
+def call_with_timeout(fn: Callable[..., Any], timeout: float, *args: Any, **kwargs: Any) -> Any:
+    """fn(*args, **kwargs), or TimeoutError after `timeout` seconds (0: wait forever, in this thread). The call
+    runs in a daemon thread that is abandoned on timeout (Python cannot stop it), so the run can still exit.
+    Whatever the call raises is re-raised here; a KeyboardInterrupt it raises itself is not a real interrupt
+    and is reported like any other exception."""
+    if not timeout:
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt as e:
+            raise _RealInterrupt(*e.args) from None
+    result: dict[str, Any] = {}
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            result["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            result["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name=f"alignrl-reward-{getattr(fn, '__name__', 'fn')}", daemon=True).start()
+    try:
+        finished = done.wait(timeout)
+    except KeyboardInterrupt as e:
+        raise _RealInterrupt(*e.args) from None
+    if not finished:
+        raise TimeoutError
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def check_sampling_options(cfg: Any) -> None:
+    """Sampling options shared by the online trainers: temperature > 0, top_p in (0, 1], top_k ≥ 0, and the
+    reward-call timeout ≥ 0."""
+    if cfg.temperature <= 0:
+        raise AlignRLError(f"temperature: must be > 0 for RL sampling, got {cfg.temperature}")
+    if not 0 < cfg.top_p <= 1:
+        raise AlignRLError(f"top_p: must be in (0, 1], got {cfg.top_p}")
+    if cfg.top_k < 0:
+        raise AlignRLError(f"top_k: must be ≥ 0 (0 = off), got {cfg.top_k}")
+    if cfg.reward_timeout < 0:
+        raise AlignRLError(f"reward_timeout: must be ≥ 0 seconds (0 = no limit), got {cfg.reward_timeout}")
+
+
 class RewardFunctions:
     """Several reward functions scored together: [N, F] raw rewards (NaN for None) and their weighted sum."""
 
     def __init__(
-        self, specs: Sequence[str], weights: Sequence[float] | None, columns: set[str], data_name: str
+        self,
+        specs: Sequence[str],
+        weights: Sequence[float] | None,
+        columns: set[str],
+        data_name: str,
+        timeout: float = 0.0,
     ):
+        """`timeout` > 0: seconds one call may take before the run stops with an error naming the function."""
+        self.timeout = timeout
         if not specs:
             raise AlignRLError("reward_funcs: at least one reward function is required")
         if weights and len(weights) != len(specs):
@@ -117,14 +184,19 @@ class RewardFunctions:
         out = torch.full((n, len(self.fns)), nan)
         for j, (name, fn) in enumerate(self.fns):
             try:
-                values = fn(prompts, completions, completion_ids, **columns)
-            except AlignRLError:
+                values = call_with_timeout(fn, self.timeout, prompts, completions, completion_ids, **columns)
+            except (AlignRLError, _RealInterrupt):
                 raise
             except KeyError as e:
                 raise AlignRLError(
                     f"reward function {name} raised KeyError {e} (a missing dataset column?)"
                 ) from None
-            except Exception as e:  # noqa: BLE001 - user code: report it in one line
+            except TimeoutError:
+                raise AlignRLError(
+                    f"reward function {name} did not return within {self.timeout:g} s (reward_timeout); raise "
+                    "reward_timeout if it is only slow"
+                ) from None
+            except BaseException as e:  # noqa: BLE001 - user code (SystemExit too): report it in one line
                 raise AlignRLError(f"reward function {name} raised {type(e).__name__}: {e}") from None
             if not isinstance(values, (list, tuple)) or len(values) != n:
                 got = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
@@ -138,6 +210,10 @@ class RewardFunctions:
                     )
                 if abs(v) == float("inf"):  # NaN is kept: it means "does not apply", like None
                     raise AlignRLError(f"reward function {name} returned {v} at index {i} (not finite)")
+                if abs(v) > _FLOAT32_MAX:
+                    raise AlignRLError(
+                        f"reward function {name} returned {v!r} at index {i}: beyond the float32 range (±3.4e38)"
+                    )
                 out[i, j] = float(v)
         return out
 

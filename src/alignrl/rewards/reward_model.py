@@ -16,22 +16,35 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel, Pr
 from alignrl.data import encode_completion
 from alignrl.errors import AlignRLError
 from alignrl.logprobs import position_ids_from_mask
-from alignrl.models import DTYPES, load_tokenizer, resolve_device, unwrap
+from alignrl.models import DTYPES, check_model_dir, load_tokenizer, model_load_errors, resolve_device, unwrap
 
 
 def load_reward_model(
-    path: str, pad_token_id: int | None, dtype: str = "float32", device: torch.device | str = "cpu"
+    path: str,
+    pad_token_id: int | None,
+    dtype: str = "float32",
+    device: torch.device | str = "cpu",
+    *,
+    trained_head: bool = False,
+    option: str = "model",
 ) -> PreTrainedModel:
     """A local model as a 1-label sequence classifier. From a causal LM directory the trunk is loaded and the
-    `score` head is freshly initialised; from a saved reward model everything is loaded."""
-    if not (Path(path) / "config.json").is_file():
-        raise AlignRLError(f"model: {path} is not a Hugging Face model directory (no config.json)")
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=DTYPES[dtype], local_files_only=True
+    `score` head is freshly initialised (for training); with `trained_head` (scoring) that is an error, since an
+    untrained head gives random rewards."""
+    check_model_dir(path, option)
+    with model_load_errors(path, option):
+        try:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, dtype=DTYPES[dtype], local_files_only=True, output_loading_info=True
+            )
+        except ValueError as e:  # an architecture without a sequence-classification class
+            raise AlignRLError(f"{option}: {path} cannot be loaded as a reward model ({e})") from None
+    fresh = [k for k in info.get("missing_keys", ()) if k.split(".")[0] in ("score", "classifier")]
+    if trained_head and fresh:
+        raise AlignRLError(
+            f"{option}: {path} has no trained reward head ({fresh[0]} would be random): it looks like a causal LM, "
+            f"not a reward model; train one with `alignrl train rm model={path} ...`"
         )
-    except ValueError as e:  # an architecture without a sequence-classification class
-        raise AlignRLError(f"model: {path} cannot be loaded as a reward model ({e})") from None
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id  # what plain transformers uses to find the last token
     return model.to(device)
@@ -85,8 +98,10 @@ class RewardModelScorer:
     ):
         self.path = path
         self.device = resolve_device(device)
-        self.tokenizer = load_tokenizer(path)
-        self.model = load_reward_model(path, self.tokenizer.pad_token_id, dtype, self.device).eval()
+        self.tokenizer = load_tokenizer(path, "reward_funcs")
+        self.model = load_reward_model(
+            path, self.tokenizer.pad_token_id, dtype, self.device, trained_head=True, option="reward_funcs"
+        ).eval()
         self.model.requires_grad_(False)
         self.batch_size = batch_size
         self.max_length = max_length or getattr(self.model.config, "max_position_embeddings", None) or 1 << 30

@@ -42,6 +42,7 @@ class DPOConfig(TrainConfig):
     on_bad_row: Literal["error", "skip"] = "error"  # bad rows: one-line error, or skip them (counted, logged)
 
     def validate(self) -> None:
+        super().validate()
         if self.batch_size < 1 or self.eval_batch_size < 1 or self.max_length < 2:
             raise AlignRLError("batch_size and eval_batch_size must be ≥ 1 and max_length ≥ 2")
         if self.ref_model and self.loss_type in REFERENCE_FREE_LOSSES:
@@ -222,7 +223,7 @@ def train(cfg: DPOConfig) -> Path:
     pad = tok.pad_token_id
     if cfg.loss_type not in REFERENCE_FREE_LOSSES:
         # the reference is the starting policy (LoRA: its base) unless ref_model names another model
-        ref = loop.load_reference(run, cfg.ref_model) if cfg.ref_model else policy
+        ref = loop.load_reference(run, cfg.ref_model, "ref_model") if cfg.ref_model else policy
         cache_reference_logps(ref, train_ex + eval_ex, pad, run.device, cfg)
         del ref
     sched = loop.build_scheduler(opt, cfg, cfg.max_steps)

@@ -25,8 +25,8 @@ from alignrl.data import infinite_batches, load_rows, require_columns
 from alignrl.errors import AlignRLError
 from alignrl.generation import Rollout, SamplingParams
 from alignrl.models import adapter_disabled, is_peft
-from alignrl.rewards import RewardFunctions
-from alignrl.rollout import ScoredRollout, evaluate, sample_and_score
+from alignrl.rewards import RewardFunctions, check_sampling_options
+from alignrl.rollout import ScoredRollout, check_prompt_lengths, evaluate, sample_and_score
 from alignrl.trainers import loop
 
 
@@ -44,6 +44,7 @@ class GRPOConfig(TrainConfig):
     top_k: int = 0
     reward_funcs: list[str] = field(default_factory=lambda: ["gsm8k"])
     reward_weights: list[float] | None = None
+    reward_timeout: float = 600.0  # seconds one reward-function call may take before the run stops; 0: no limit
     advantage_estimator: Literal["grpo", "rloo"] = "grpo"
     scale_rewards: Literal["group", "batch", "none"] = "group"
     loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
@@ -61,6 +62,7 @@ class GRPOConfig(TrainConfig):
     log_completions: int = 4  # completions written to samples.jsonl every logging step
 
     def validate(self) -> None:
+        super().validate()
         if self.num_generations < 2:
             raise AlignRLError("num_generations: must be ≥ 2 (advantages are relative to the group)")
         if self.gradient_accumulation_steps != 1:
@@ -69,8 +71,7 @@ class GRPOConfig(TrainConfig):
             )
         if self.num_iterations < 1 or self.prompts_per_step < 1 or self.max_completion_length < 1:
             raise AlignRLError("num_iterations, prompts_per_step and max_completion_length must be ≥ 1")
-        if self.temperature <= 0:
-            raise AlignRLError("temperature: must be > 0 for RL sampling")
+        check_sampling_options(self)
         if self.micro_batch_size < 0:
             raise AlignRLError("micro_batch_size: must be ≥ 0 (0 = the whole batch at once)")
         if not 0 <= self.overlong_cache < self.max_completion_length:
@@ -79,7 +80,7 @@ class GRPOConfig(TrainConfig):
 
 def build_rewards(cfg: GRPOConfig, columns: set[str], data_name: str) -> RewardFunctions:
     """The configured reward functions plus, if asked, DAPO's soft overlong penalty (weight 1)."""
-    fns = RewardFunctions(cfg.reward_funcs, cfg.reward_weights, columns, data_name)
+    fns = RewardFunctions(cfg.reward_funcs, cfg.reward_weights, columns, data_name, timeout=cfg.reward_timeout)
     if cfg.overlong_cache > 0:
         from alignrl.rewards.math import overlong_penalty_factory
 
@@ -196,6 +197,7 @@ def train(cfg: GRPOConfig) -> Path:
         )
     data = load_rows(cfg.train_file)
     require_columns(data, ["prompt"])
+    check_prompt_lengths(data, tok, cfg.max_prompt_length, cfg.max_completion_length, model)
     fns = build_rewards(cfg, set(data.rows[0]), cfg.train_file)
     eval_rows = load_rows(cfg.eval_file).rows if cfg.eval_file else None
     ref = None
@@ -213,6 +215,7 @@ def train(cfg: GRPOConfig) -> Path:
         loop.release_freed_memory()  # the last update's activations and gradients, before the KV cache
         with timer("generation"):
             scored, ds_metrics = rollout_batch(policy, tok, data, stream, cfg, fns, run.device)
+        loop.check_reward_signal(run, scored.raw_rewards, fns.names)
         ro = scored.rollout
         if ro.completion_ids.shape[0] == 0:  # dynamic sampling found no informative group
             run.metrics.log(step, {**ds_metrics, "skipped_step": 1.0})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import json
 import math
 import random
@@ -16,18 +17,20 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
-from alignrl import checkpoint
+from alignrl import checkpoint, rundir
 from alignrl import distributed as dist
 from alignrl.attention import TRAIN_ATTENTION
-from alignrl.config import TrainConfig, save_config
+from alignrl.config import TrainConfig, algorithm_of, save_config
 from alignrl.errors import AlignRLError
 from alignrl.mlp import use_lean_mlp
 from alignrl.models import (
     DTYPES,
     apply_lora,
     cast_linear_weights,
+    check_model_dir,
     disable_dropout,
     enable_activation_checkpointing,
     load_causal_lm,
@@ -90,6 +93,8 @@ class Run:
     components: dict[str, Any] = field(default_factory=dict)
     last_saved: int = -1
     policy: nn.Module | None = None  # the model wrapped for log-probs (DDP / FSDP / plain), set by wrap_policy
+    algorithm: str = "train"  # recorded in checkpoints and alignrl_run.json; resume refuses another one
+    no_reward_in_a_row: int = 0  # consecutive steps where no sample got a reward (all None/NaN)
 
     def register(self, model: nn.Module, tokenizer: Any = None, **components: Any) -> int:
         """Track what a checkpoint holds (objects with state_dict/load_state_dict, by name) and, when resuming,
@@ -135,10 +140,15 @@ class Run:
             "run": {"nonfinite_in_a_row": self.nonfinite_in_a_row, "nonfinite_total": self.nonfinite_total},
         }
         cfg_text = (self.out / "config.yaml").read_text() if (self.out / "config.yaml").is_file() else None
+        meta = {"algorithm": self.algorithm}
         if sharded:
-            path = dist.save_checkpoint(self.out, step, self.policy, self.tokenizer, opt, state, cfg_text, modules)
+            path = dist.save_checkpoint(
+                self.out, step, self.policy, self.tokenizer, opt, state, cfg_text, modules, meta
+            )
         else:
-            path = checkpoint.save_checkpoint(self.out, step, self.model, self.tokenizer, state, cfg_text, modules)
+            path = checkpoint.save_checkpoint(
+                self.out, step, self.model, self.tokenizer, state, cfg_text, modules, meta
+            )
         self.last_saved = step
         if dist.is_main():
             checkpoint.rotate(self.out, self.cfg.save_total_limit)
@@ -167,40 +177,77 @@ class Run:
             raise checkpoint.TrainingStopped(signum, step, path)
 
 
-def _check_reliability_options(cfg: TrainConfig) -> None:
-    for name in ("save_steps", "save_total_limit", "max_nonfinite_in_a_row"):
-        if getattr(cfg, name) < 0:
-            raise AlignRLError(f"{name}: must be ≥ 0, got {getattr(cfg, name)}")
-
-
 def start_run(cfg: TrainConfig) -> Run:
-    """Seed, configure threads and device, create the output directory and save the resolved config there;
-    with cfg.resume, find the checkpoint to continue from and keep metrics.jsonl rows up to its step."""
-    _check_reliability_options(cfg)
+    """Seed, configure threads and device, create and lock the output directory (one run at a time; an earlier
+    run there is never replaced unless asked: rundir.py) and save the resolved config there; with cfg.resume, find
+    the checkpoint to continue from (same algorithm, intact, options compatible) and keep metrics.jsonl rows up to
+    its step."""
+    cfg.validate()  # load_config already did; a config built in code is checked here
     set_seed(cfg.seed)  # the same on every rank: identical data order and initialisation
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     device = dist.init(cfg.distributed, cfg.device)  # torchrun: join the process group; this rank's device
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    resume_from = checkpoint.resolve_resume(cfg.resume, out)
-    if cfg.resume == "auto" and resume_from is None:
-        print(f"alignrl: resume=auto: no complete checkpoint in {out}; starting fresh", file=sys.stderr)
-    keep = checkpoint.checkpoint_step(resume_from) if resume_from is not None else None
-    # checkpoints saved later by an earlier run; rank 0 deletes, the others wait
-    gone = checkpoint.discard_after(out, -1 if keep is None else keep) if dist.is_main() else []
-    dist.barrier()
-    if gone:
-        print(f"alignrl: removed {len(gone)} checkpoint(s) of an earlier run in {out}", file=sys.stderr)
-    if dist.is_main():
-        save_config(cfg, out / "config.yaml")
+    algorithm = algorithm_of(cfg)
+    resume_from, keep = None, None
+    if dist.is_main():  # rank 0 owns the directory; the others wait for its decisions
+        rundir.ensure_dir(out)
+        rundir.lock(out)
+        try:
+            rundir.remove_debris(out)
+            rundir.check_algorithm(out, algorithm, cfg.resume)
+            resume_from = checkpoint.resolve_resume(cfg.resume, out, algorithm)
+            if cfg.resume == "auto" and resume_from is None:
+                print(f"alignrl: resume=auto: no complete checkpoint in {out}; starting fresh", file=sys.stderr)
+            rundir.prepare(
+                out,
+                algorithm,
+                resume=cfg.resume,
+                resuming_from_checkpoint=resume_from is not None,
+                overwrite=cfg.overwrite_output_dir,
+            )
+            if resume_from is not None:
+                check_resume_options(resume_from, cfg)
+                keep = checkpoint.checkpoint_step(resume_from)
+                checkpoint.discard_after(out, keep, allowed=cfg.resume == "auto" or cfg.overwrite_output_dir)
+            save_config(cfg, out / "config.yaml")
+        except BaseException:
+            rundir.unlock(out)
+            raise
+    resume_from, keep = dist.broadcast_object((resume_from, keep))
     metrics = MetricsLogger(out, cfg.max_steps, cfg.progress_bar, keep_until=keep, enabled=dist.is_main())
-    return Run(cfg=cfg, device=device, out=out, metrics=metrics, resume_from=resume_from)
+    return Run(cfg=cfg, device=device, out=out, metrics=metrics, resume_from=resume_from, algorithm=algorithm)
+
+
+def check_resume_options(path: Path, cfg: TrainConfig) -> None:
+    """Compare the options a checkpoint was saved with to this run's: refuse a change of those that give the saved
+    state its meaning (cfg.RESUME_FIXED: the model, the LoRA layout, ...), warn about the rest."""
+    try:
+        saved = yaml.safe_load((path / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return  # older checkpoints without a config: nothing to compare
+    if not isinstance(saved, dict):
+        return
+    now = dataclasses.asdict(cfg)
+    changed = [k for k in now if k in saved and saved[k] != now[k] and k not in _NOT_COMPARED]
+    for k in changed:
+        if k in cfg.RESUME_FIXED:
+            raise AlignRLError(
+                f"resume: {k} was {saved[k]!r} in {path}, now {now[k]!r}; the saved state depends on it: keep "
+                f"{k}={saved[k]} or start a new run in another output_dir"
+            )
+    if changed:
+        listed = ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed)
+        print(f"alignrl: warning: resume: options changed since {path.name}: {listed}", file=sys.stderr)
+
+
+_NOT_COMPARED = frozenset({"output_dir", "resume", "overwrite_output_dir", "progress_bar", "logging_steps"})
 
 
 def load_policy(cfg: TrainConfig, device: torch.device, *, rl: bool) -> tuple[nn.Module, Any]:
     """Load the trainable model (optionally LoRA-wrapped) and its tokenizer; RL turns dropout off."""
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+    check_model_dir(cfg.model)  # before the tokenizer, which defaults to the model's directory
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, "tokenizer" if cfg.tokenizer else "model")
     model = load_causal_lm(cfg.model, cfg.dtype, device)
     if model.config._attn_implementation == "sdpa":  # SDPA, or matmuls where CPU bf16 SDPA is slow (attention.py)
         model.set_attn_implementation(TRAIN_ATTENTION)
@@ -227,12 +274,12 @@ def wrap_policy(run: Run, model: nn.Module, fn: Any = None) -> nn.Module:
     return run.policy
 
 
-def load_reference(run: Run, path: str) -> nn.Module:
+def load_reference(run: Run, path: str, option: str = "model") -> nn.Module:
     """The frozen reference policy, ready for `dist.logprobs`: no dropout, linear weights held in the autocast
     dtype when one is set (what autocast computes with anyway: half the memory, no cast per forward) and, on CPU,
     pre-packed for oneDNN (not under FSDP, which shards the weights as they are), sharded like the policy under
     FSDP."""
-    ref = load_causal_lm(path, run.cfg.dtype, run.device).eval().requires_grad_(False)
+    ref = load_causal_lm(path, run.cfg.dtype, run.device, option).eval().requires_grad_(False)
     disable_dropout(ref)
     dtype = autocast_dtype(run.cfg)
     if not (dist.is_dist() and run.cfg.distributed == "fsdp"):
@@ -332,6 +379,31 @@ def optimizer_step(
     return out
 
 
+def check_reward_signal(run: Run, raw_rewards: torch.Tensor, names: list[str]) -> None:
+    """Warn when no sample of this step's (global) batch got a reward from any function (all None/NaN: the step
+    has no learning signal); stop after cfg.max_nonfinite_in_a_row such steps in a row."""
+    missing = dist.all_reduce(raw_rewards.isnan().all(dim=1).sum().float())
+    total = dist.all_reduce(float(raw_rewards.shape[0]))
+    if total == 0 or float(missing) < float(total):
+        run.no_reward_in_a_row = 0
+        return
+    run.no_reward_in_a_row += 1
+    step = run.step + 1
+    if dist.is_main():
+        print(
+            f"alignrl: warning: step {step}: no reward function ({', '.join(names)}) returned a number for any of "
+            f"the {int(total)} samples (all None/NaN): no learning signal",
+            file=sys.stderr,
+        )
+    limit = run.cfg.max_nonfinite_in_a_row
+    if limit and run.no_reward_in_a_row >= limit:
+        raise AlignRLError(
+            f"{run.no_reward_in_a_row} steps in a row without a reward for any sample (at step {step}; "
+            f"max_nonfinite_in_a_row={limit}): check that the reward functions ({', '.join(names)}) apply to this "
+            "dataset's completions"
+        )
+
+
 class MetricsLogger:
     """One JSON line of metrics per step in OUTPUT_DIR/metrics.jsonl, plus an optional progress bar."""
 
@@ -355,11 +427,8 @@ class MetricsLogger:
                     if json.loads(line)["step"] <= keep_until:
                         kept.append(line + "\n")
             path.write_text("".join(kept))  # a torn last line (killed mid-write) is dropped too
-        self.bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc="train", dynamic_ncols=True, leave=False, initial=keep_until or 0)
+        # the bar appears with the first logged step, so that set-up errors print as one clean line
+        self._bar_args = {"total": total, "initial": keep_until or 0} if progress else None
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Every rank calls this with the same keys: values are averaged over ranks (times: maximum); trainers
@@ -370,6 +439,10 @@ class MetricsLogger:
         row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.bar is None and self._bar_args is not None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(desc="train", dynamic_ncols=True, leave=False, **self._bar_args)
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             shown = {k: f"{v:.3g}" for k, v in row.items() if k in ("loss", "reward", "eval_loss", "kl")}
@@ -403,6 +476,7 @@ def finish(run: Run, model: nn.Module, tokenizer: Any) -> Path:
         dist.save_final(run.policy, tokenizer, final)  # rank 0 writes the consolidated weights
     else:
         save_pretrained_atomic(model, tokenizer, final)
+    rundir.unlock(run.out)
     return final  # (under torchrun the CLI leaves the process group once train() and its wrappers are gone)
 
 

@@ -31,8 +31,8 @@ from alignrl.data import infinite_batches, load_rows, require_columns
 from alignrl.errors import AlignRLError
 from alignrl.generation import SamplingParams
 from alignrl.models import adapter_disabled, enable_activation_checkpointing, is_peft, unwrap
-from alignrl.rewards import RewardFunctions
-from alignrl.rollout import evaluate, sample_and_score
+from alignrl.rewards import RewardFunctions, check_sampling_options
+from alignrl.rollout import check_prompt_lengths, evaluate, sample_and_score
 from alignrl.trainers import loop
 from alignrl.value_model import (
     ValueHead,
@@ -63,6 +63,7 @@ class PPOConfig(TrainConfig):
     # scoring: reward-model directories and/or reward functions, as in GRPO, weighted and summed
     reward_funcs: list[str] = field(default_factory=list)
     reward_weights: list[float] | None = None
+    reward_timeout: float = 600.0  # seconds one reward-function (or reward-model) call may take; 0: no limit
     missing_eos_penalty: float | None = None  # subtracted from the score of completions without EOS
     # critic
     critic: Literal["separate", "shared"] = "separate"  # separate value model, or a head on the policy's trunk
@@ -94,6 +95,7 @@ class PPOConfig(TrainConfig):
         return self.prompts_per_step * self.num_generations
 
     def validate(self) -> None:
+        super().validate()
         if not self.reward_funcs:
             raise AlignRLError("reward_funcs: give at least one reward model directory or reward function")
         if self.gradient_accumulation_steps != 1:
@@ -109,8 +111,7 @@ class PPOConfig(TrainConfig):
                 f"num_mini_batches: {self.num_mini_batches} does not divide the batch of "
                 f"prompts_per_step × num_generations = {self.batch_size} sequences"
             )
-        if self.temperature <= 0:
-            raise AlignRLError("temperature: must be > 0 for RL sampling")
+        check_sampling_options(self)
         if not 0 < self.gamma <= 1 or not 0 <= self.lam <= 1:
             raise AlignRLError("gamma must be in (0, 1] and lam in [0, 1]")
         if self.kl_coef < 0 or self.cliprange < 0 or self.cliprange_value < 0 or self.vf_coef < 0:
@@ -285,7 +286,10 @@ def train(cfg: PPOConfig) -> Path:
         )
     data = load_rows(cfg.train_file)
     require_columns(data, ["prompt"])
-    fns = RewardFunctions(cfg.reward_funcs, cfg.reward_weights, set(data.rows[0]), cfg.train_file)
+    check_prompt_lengths(data, tok, cfg.max_prompt_length, cfg.max_completion_length, model)
+    fns = RewardFunctions(
+        cfg.reward_funcs, cfg.reward_weights, set(data.rows[0]), cfg.train_file, timeout=cfg.reward_timeout
+    )
     eval_rows = load_rows(cfg.eval_file).rows if cfg.eval_file else None
     ref = None
     if not is_peft(model):
@@ -317,6 +321,7 @@ def train(cfg: PPOConfig) -> Path:
                 repeats=G, max_prompt_length=cfg.max_prompt_length, device=run.device,
                 seeds=[base + j for j in range(a * G, b * G)],
             )  # fmt: skip
+        loop.check_reward_signal(run, scored.raw_rewards, fns.names)
         ro = scored.rollout
         ids, attn, P = ro.input_ids, ro.attention_mask, ro.prompt_ids.shape[1]
         mask = ro.completion_mask.float()

@@ -22,7 +22,7 @@ from alignrl.algos.preference import bradley_terry_loss
 from alignrl.config import TrainConfig
 from alignrl.data import PreferenceExample
 from alignrl.errors import AlignRLError
-from alignrl.models import disable_dropout, enable_activation_checkpointing, load_tokenizer
+from alignrl.models import check_model_dir, disable_dropout, enable_activation_checkpointing, load_tokenizer
 from alignrl.rewards.reward_model import load_reward_model, pad_batch, reward_scores, rm_add_eos
 from alignrl.trainers import loop
 from alignrl.trainers.dpo import load_pairs, pair_batches, pair_update
@@ -41,6 +41,7 @@ class RMConfig(TrainConfig):
     use_margin: bool = True  # subtract the `margin` column (when rows have one; missing = 0) inside the loss
 
     def validate(self) -> None:
+        super().validate()
         if self.batch_size < 1 or self.eval_batch_size < 1 or self.max_length < 2:
             raise AlignRLError("batch_size and eval_batch_size must be ≥ 1 and max_length ≥ 2")
         if self.center_rewards_coefficient < 0:
@@ -98,7 +99,8 @@ def evaluate_pairs(model: nn.Module, examples: list[PreferenceExample], pad_id: 
 
 def load_model(cfg: RMConfig, device: torch.device):
     """The reward model (trunk + score head, dropout off) and its tokenizer; LoRA trains the head fully."""
-    tok = load_tokenizer(cfg.tokenizer or cfg.model)
+    check_model_dir(cfg.model)
+    tok = load_tokenizer(cfg.tokenizer or cfg.model, "tokenizer" if cfg.tokenizer else "model")
     model = load_reward_model(cfg.model, tok.pad_token_id, cfg.dtype, device)
     disable_dropout(model)
     if cfg.gradient_checkpointing:

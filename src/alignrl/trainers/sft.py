@@ -30,6 +30,7 @@ class SFTConfig(TrainConfig):
     group_by_length: bool = True  # batch similar lengths together to minimise padding
 
     def validate(self) -> None:
+        super().validate()
         if self.batch_size < 1 or self.max_length < 2:
             raise AlignRLError("batch_size must be ≥ 1 and max_length ≥ 2")
 
