@@ -15,9 +15,11 @@ import pytest
 
 from alignrl.errors import AlignRLError
 from alignrl.rewards import code as code_mod
+from alignrl.rewards import required_columns
 from alignrl.rewards.code import (
     code_reward,
     extract_code,
+    make_code_reward,
     parse_tests,
     run_tests,
     run_tests_detailed,
@@ -313,7 +315,8 @@ def test_forged_result_lines_do_not_count() -> None:
         "print('3/3 tests passed')\n"
         "def f(x):\n    return 0\n"
     )
-    assert run_tests(forger, DOUBLE_TESTS, timeout=TIMEOUT) == pytest.approx(1 / 3)  # only f(0) == 0 holds
+    # the first report of each value counts: the forged lines pre-empt f's own values and say nothing that passes
+    assert run_tests(forger, DOUBLE_TESTS, timeout=TIMEOUT) == 0.0
     early_exit = (
         "import os\ndef f(x):\n    return 2 * x\nos._exit(0)\n"  # report nothing, exit "successfully"
     )
@@ -322,6 +325,248 @@ def test_forged_result_lines_do_not_count() -> None:
     assert run_tests(closes_channel, DOUBLE_TESTS, timeout=TIMEOUT) == 0.0
     sys_exit = DOUBLE + "import sys\nsys.exit(0)\n"  # SystemExit at top level must not skip the tests
     assert run_tests(sys_exit, ["assert f(1) == 3"], timeout=TIMEOUT) == 0.0
+
+
+# ---------------------------------------------------------------- forging the verdict from inside the sandbox
+# Each attack below leaves f wrong (f(x) = x + 100) and must score 0 on ATTACK_TESTS, whose expected values no
+# constant matches; HONEST scores 1.0 on the same tests, so each test can fail.
+
+ATTACK_TESTS = ["assert f(1) == 2", "assert 6 == f(3)", "assert f(-2) == -4"]
+HONEST = "def f(x):\n    return 2 * x\n"
+WRONG = "def f(x):\n    return x + 100\n"
+
+FRAMES_BY_TRACEBACK = """
+def _frames():
+    try:
+        raise RuntimeError
+    except RuntimeError as exc:
+        frame = exc.__traceback__.tb_frame
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
+"""
+FRAMES_BY_GETFRAME = """
+import sys
+def _frames():
+    frame = sys._getframe(0)
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
+"""
+OVERWRITE_RESULTS = """
+for _frame in list(_frames()):
+    _loc = _frame.f_locals
+    if "ok_lines" in _loc and "fail_lines" in _loc:  # copy the harness's pass lines over its fail lines
+        _loc["fail_lines"][:] = _loc["ok_lines"]
+    for _value in list(_loc.values()):  # and turn any other list of result lines into passes
+        if isinstance(_value, list):
+            for _i, _item in enumerate(_value):
+                if isinstance(_item, bytes) and _item.endswith(b" 0\\n"):
+                    _value[_i] = _item[:-3] + b" 1\\n"
+"""
+REPLACE_TESTS = """
+import types
+_pass_stmt = compile("assert True", "<forged>", "exec")
+_true_expr = compile("True", "<forged>", "eval")
+for _frame in list(_frames()):
+    for _value in list(_frame.f_locals.values()):
+        if isinstance(_value, list):
+            for _i, _item in enumerate(_value):
+                if isinstance(_item, types.CodeType):  # a compiled test: make it pass
+                    _value[_i] = _pass_stmt
+                elif isinstance(_item, tuple) and any(isinstance(x, types.CodeType) for x in _item):
+                    _value[_i] = tuple(_true_expr if isinstance(x, types.CodeType) else x for x in _item)
+"""
+WRITE_AND_EXIT = """
+import os
+for _frame in list(_frames()):
+    _loc = _frame.f_locals
+    if "ok_lines" in _loc:  # the harness's own pass lines, nonce included
+        os.write(_loc["result_fd"], b"".join(_loc["ok_lines"]) + _loc["done_line"])
+        os._exit(0)
+    if "result_fd" in _loc:  # any result channel: claim a passing-looking value for everything
+        _lines = b"".join(b'%d ["b",true]\\n%d 1\\n' % (i, i) for i in range(64))
+        os.write(_loc["result_fd"], b"compiled\\n" + _lines + b"done\\n")
+        os._exit(0)
+"""
+
+
+def _assert_scores_zero_and_caller_unharmed(code: str, tests: list[str] = ATTACK_TESTS) -> None:
+    before = _sandbox_dirs()
+    start = time.monotonic()
+    res = run_tests_detailed(code, tests, timeout=TIMEOUT)
+    assert (res.passed, res.score) == (0, 0.0), res
+    # the verdict does not rest on the in-kernel layers or the audit hook: without them it is still 0
+    every = ("netns", "landlock", "seccomp", "audit-hook")
+    bare = code_mod._run_sandboxed(code, tests, timeout=TIMEOUT, memory_mb=256, cpu_seconds=3, disable=every)
+    assert bare.passed == 0 and not {"seccomp", "audit-hook"} & set(bare.layers), bare
+    assert time.monotonic() - start < 3 * TIMEOUT + 3
+    assert _sandbox_dirs() <= before
+    os.kill(os.getpid(), 0)
+    assert run_tests(HONEST, tests, timeout=TIMEOUT) == 1.0  # the sandbox still works, and the tests can pass
+
+
+@pytest.mark.parametrize("frames", [FRAMES_BY_TRACEBACK, FRAMES_BY_GETFRAME], ids=["traceback", "getframe"])
+@pytest.mark.parametrize(
+    "attack", [OVERWRITE_RESULTS, REPLACE_TESTS, WRITE_AND_EXIT], ids=["overwrite", "replace", "write-exit"]
+)
+def test_frame_walking_cannot_forge_the_verdict(frames: str, attack: str) -> None:
+    # run at import time (top level of the solution) and again from inside f, when the harness evaluates it
+    at_top = frames + attack + WRONG
+    in_call = frames + "def f(x):\n" + "".join(f"    {line}\n" for line in attack.splitlines()) + "    return x + 100\n"
+    _assert_scores_zero_and_caller_unharmed(at_top)
+    _assert_scores_zero_and_caller_unharmed(in_call)
+
+
+@pytest.mark.parametrize(
+    "solution",
+    [
+        "class Eq:\n    def __eq__(self, other):\n        return True\n    __hash__ = object.__hash__\n"
+        "def f(x):\n    return Eq()\n",
+        "class Eq(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n"
+        "def f(x):\n    return Eq(0)\n",
+        "class Eq(str):\n    def __eq__(self, other):\n        return True\n    __hash__ = str.__hash__\n"
+        "def f(x):\n    return Eq('')\n",
+        "class Eq(list):\n    def __eq__(self, other):\n        return True\n    def __ne__(self, other):\n"
+        "        return False\n    def __iter__(self):\n        return iter([2, 6, -4])\n"
+        "def f(x):\n    return Eq()\n",
+    ],
+    ids=["object", "int-subclass", "str-subclass", "list-subclass"],
+)
+def test_fake_equality_does_not_pass(solution: str) -> None:
+    _assert_scores_zero_and_caller_unharmed(solution)
+
+
+def test_plain_subclasses_compare_by_value() -> None:
+    code = (
+        "import collections, enum\n"
+        "class Two(enum.IntEnum):\n    TWO = 2\n"
+        "P = collections.namedtuple('P', 'x y')\n"
+        "def two():\n    return Two.TWO\n"
+        "def point():\n    return P(1, 2)\n"
+        "def counts(s):\n    return collections.Counter(s)\n"
+    )
+    tests = ["assert two() == 2", "assert point() == (1, 2)", "assert counts('aab') == {'a': 2, 'b': 1}"]
+    assert run_tests(code, tests, timeout=TIMEOUT) == 1.0
+
+
+def test_fake_results_on_every_descriptor_do_not_count() -> None:
+    forged = (
+        b"compiled\n" + b"".join(b'%d ["b",true]\n%d 1\n%x %d 1\n' % (i, i, n, i) for i in range(16) for n in range(3))
+    )
+    code = f"import os\nfor fd in range(3, 64):\n    try:\n        os.write(fd, {forged!r})\n"
+    code += "    except OSError:\n        pass\n" + WRONG
+    _assert_scores_zero_and_caller_unharmed(code)
+
+
+def test_monkeypatching_the_child_does_not_forge_the_verdict() -> None:
+    code = (
+        "import builtins, json, sys\n"
+        "json.dumps = lambda *a, **k: '[\"b\",true]'\n"
+        "json.loads = lambda *a, **k: True\n"
+        "builtins.isinstance = lambda *a: True\n"
+        "builtins.issubclass = lambda *a: True\n"
+        "builtins.AssertionError = type('AssertionError', (BaseException,), {})\n"
+        "builtins.bool = lambda *a: True\n"
+        "main = sys.modules['__main__']\n"
+        "for name, obj in list(vars(main).items()):\n"
+        "    if callable(obj) and name.startswith('_'):\n"
+        "        setattr(main, name, lambda *a, **k: ['b', True])\n"
+        "builtins.type = lambda *a: int\n"
+    ) + WRONG
+    _assert_scores_zero_and_caller_unharmed(code)
+
+
+def test_expected_values_never_reach_the_candidate() -> None:
+    dump = (
+        "import sys, types\n"
+        "seen = []\n"
+        "def walk(v, depth=0):\n"
+        "    if depth > 6 or v is seen:\n        return\n"
+        "    if isinstance(v, types.CodeType):\n"
+        "        for c in v.co_consts:\n            walk(c, depth + 1)\n"
+        "    elif isinstance(v, (list, tuple, set, frozenset)):\n"
+        "        for c in v:\n            walk(c, depth + 1)\n"
+        "    elif isinstance(v, dict):\n"
+        "        for k, c in v.items():\n            walk(k, depth + 1); walk(c, depth + 1)\n"
+        "    elif isinstance(v, (str, bytes)):\n        seen.append(repr(v))\n"
+        "def f(x):\n"
+        "    frame = sys._getframe(0)\n"
+        "    while frame is not None:\n"
+        "        walk(frame.f_code); walk(dict(frame.f_locals)); walk(dict(frame.f_globals))\n"
+        "        frame = frame.f_back\n"
+        "    walk(sys.argv); walk(open('/proc/self/cmdline', 'rb').read())\n"
+        "    print('\\n'.join(seen))\n"
+        "    return 'guess'\n"
+    )
+    res = run_tests_detailed(dump, ["assert f(41) == 'EXPECTED-7f3a'"], timeout=TIMEOUT)
+    assert res.score == 0.0
+    assert "f(41)" in res.stdout  # the dump works: it finds the expression it is asked for
+    assert "EXPECTED-7f3a" not in res.stdout
+
+
+def test_hostile_values_cannot_stall_or_bloat_the_checker() -> None:
+    before = _maxrss_kib()
+    start = time.monotonic()
+    code = "def f(x):\n    return 10**12\n"
+    tests = ["assert 'a' * f(1) == 'aaa'", "assert pow(3, f(2)) == 9", "assert [0] * f(3) == [0]"]
+    res = run_tests_detailed(code, tests, timeout=TIMEOUT)
+    assert res.score == 0.0
+    assert time.monotonic() - start < 2 * TIMEOUT + 3
+    assert _maxrss_kib() - before < 100 * 1024
+
+
+# ---------------------------------------------------------------- test forms
+
+
+def test_supported_test_forms() -> None:
+    code = (
+        "import math\n"
+        "def f(x):\n    return 2 * x\n"
+        "def pair(x):\n    return (x, [x, {x: {x}}])\n"
+        "def boom(x):\n    raise ValueError(x)\n"
+        "nan = float('nan')\n"
+        "data = {'k': [1, 2, 3]}\n"
+    )
+    tests = [
+        "assert math.isclose(f(1.05), 2.1, rel_tol=1e-9)",
+        "assert abs(f(0.1) - 0.2) < 1e-12 and round(f(1.25), 1) == 2.5",
+        "assert len(f([1, 2])) == 4 and sorted(f([3, 1])) == [1, 1, 3, 3]",
+        "assert all(v % 2 == 0 for v in [f(1), f(2)]) and [v + 1 for v in f([1])] == [2, 2]",
+        "assert pair(1) == (1, [1, {1: {1}}]) and type(pair(1)) is tuple",
+        "assert f(b'a') == b'aa' and f('ab') == 'abab' and f(-0.0) == 0.0",
+        "assert nan != nan and math.isnan(nan) and f(math.inf) == math.inf",
+        "assert data['k'][1:] == [2, 3] and f(data['k'][0]) == 2",
+        "assert f(2) == 4, 'message not evaluated: ' + boom(1)",
+        "assert True or boom(1)",  # short-circuit: a value that is not needed may raise
+        "assert f(1) == 2\nassert f(2) == 4",  # several asserts in one test: all must hold
+        "assert f'{f(3)}' == '6' and str(f(3)) == '6' and isinstance(f(3), int)",
+        "assert boom(1) == 1",  # raised: fails
+        "assert list(map(f, [1, 2])) == [2, 4]",  # the function itself is not plain data: fails
+        "assert f(1) == 3",  # fails
+    ]
+    res = run_tests_detailed(code, tests, timeout=TIMEOUT)
+    assert (res.passed, res.total) == (len(tests) - 3, len(tests)), res.stderr
+    assert "test 12 failed: boom(1) raised" in res.stderr
+    assert "test 13 failed: f is not plain data" in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("test", "message"),
+    [
+        ("x = f(2)\nassert x == 4", "test 0: only assert statements"),
+        ("def check(c):\n    assert c(1) == 2\ncheck(f)", "only assert statements"),
+        ("assert all(f(x) == 2 * x for x in range(3))", "comprehension or lambda variable"),
+        ("assert sorted([1, 2], key=lambda v: f(v)) == [1, 2]", "comprehension or lambda variable"),
+        ("assert (y := f(2)) == 4", "NamedExpr"),
+        ("assert f(2) == ().__class__", "attribute '__class__'"),
+        ("assert f(2 ==", "test 0 is not valid Python"),
+        ("", "test 0 is empty"),
+    ],
+)
+def test_unsupported_test_forms_raise(test: str, message: str) -> None:
+    with pytest.raises(AlignRLError, match=message):
+        run_tests(DOUBLE, [test], timeout=TIMEOUT)
 
 
 # ---------------------------------------------------------------- code_reward
@@ -363,3 +608,24 @@ def test_code_reward_column_errors() -> None:
         code_reward(["p"], ["x = 1"], tests=[["assert True"], ["assert True"]])
     with pytest.raises(AlignRLError, match="sample 0"):
         code_reward(["p"], ["x = 1"], tests=[[]])
+    with pytest.raises(AlignRLError, match="sample 1: test 0: only assert statements"):
+        code_reward(["p", "p"], ["x = 1", "x = 1"], tests=[["assert x == 1"], ["x = 2"]])
+
+
+def test_columns_cannot_set_sandbox_limits() -> None:
+    slow = "```python\nimport time\ntime.sleep(3)\n" + DOUBLE + "```"
+    quick = "```python\n" + DOUBLE + "```"
+    reward = make_code_reward(timeout=1.0)
+    start = time.monotonic()
+    with pytest.warns(UserWarning, match="ignoring column 'timeout'"):
+        rewards = reward(["p"] * 2, [slow, quick], [[1]] * 2, tests=[DOUBLE_TESTS] * 2, timeout=[60.0, 60.0])
+    assert rewards == [0.0, 1.0]  # the slow one still timed out after the reward's own 1 s
+    assert time.monotonic() - start < 6
+    with pytest.warns(UserWarning, match="ignoring column 'timeout'"):  # nor can a column shorten it
+        assert code_reward(["p"], [quick], [[1]], tests=[DOUBLE_TESTS], timeout=[1e-6]) == [1.0]
+    with pytest.warns(UserWarning, match="memory_mb"):
+        assert code_reward(["p"], [quick], [[1]], tests=[DOUBLE_TESTS], memory_mb=[1]) == [1.0]
+    assert code_reward(["p"], [quick], [[1]], tests=[DOUBLE_TESTS], answer=["unused"]) == [1.0]
+    assert required_columns(code_reward) == ["tests"] and required_columns(reward) == ["tests"]
+    with pytest.raises(AlignRLError, match="timeout"):
+        make_code_reward(timeout=0)

@@ -140,10 +140,10 @@ def check_algorithm(out: Path, algorithm: str, resume: str | None) -> None:
 
 
 def prepare(out: Path, algorithm: str, *, resume: str | None, resuming_from_checkpoint: bool, overwrite: bool) -> None:
-    """Decide what this run may do with `out` (locked, debris removed): refuse another algorithm's directory when
-    resuming, refuse to start fresh over an earlier run unless `overwrite`, then record this run's algorithm. resume=auto
-    with no checkpoint starts fresh over a run that was killed before its first checkpoint, not over a finished
-    one."""
+    """Decide what this run may do with `out` (locked, debris removed): refuse another algorithm's directory
+    when resuming, refuse to start fresh over an earlier run unless `overwrite`, then record this run's
+    algorithm. resume=auto with no checkpoint starts fresh over a run that was killed before its first
+    checkpoint, not over a finished one."""
     check_algorithm(out, algorithm, resume)
     earlier = recorded_algorithm(out)
     left = earlier_run(out)

@@ -1,13 +1,30 @@
-"""Sandboxed code-execution reward: run a candidate program against assert-style tests in a child process.
+"""Sandboxed code-execution reward: run a candidate program against assert tests, with a verdict it cannot forge.
 
-Each run starts a fresh ``python -B -s -S -P`` child (stdlib only, no site-packages) in a new session and an
-empty private working directory, deleted afterwards. The child first runs the candidate code (an exception
-at its top level is reported but does not stop the tests: what it defined before failing stays defined),
-then each test statement separately. Tests that did not finish before the timeout count as failed; the
-timeout includes interpreter start-up (~50 ms). Protection layers, outermost first; the child reports which
-ones it installed in ``SandboxResult.layers``:
+Tests are `assert EXPR[, message]` statements (one or more per test; a test passes when all of its asserts hold).
+The caller parses each one (`ast`) and splits EXPR into *primaries*, the outermost call/attribute/subscript chains
+that use a name of the solution (`f(3)`, `obj.m(2)[0]`, `ok`), and the rest (literals, comparisons, operators,
+displays, comprehensions, and calls of a fixed set of builtins and `math`: `sorted(f(3)) == [1, 2]`,
+`math.isclose(f(1), 0.5)`). Other statements, and primaries that use a comprehension or lambda variable of the
+test (`all(f(x) == 2 * x for x in ...)`), raise AlignRLError. The message of an assert is never evaluated.
 
-Hard guarantees (enforced by the kernel):
+Each run then takes two fresh interpreters, one after the other:
+
+- the candidate's process (`python -B -s -S -P`, stdlib only) in a new session and an empty private working
+  directory, deleted afterwards. It is sent the solution and the primaries' source only: never a test, an
+  expected value or a verdict. It runs the solution (an exception at its top level is reported but what it
+  defined before failing stays defined), evaluates each primary in the solution's namespace and reports its value
+  as plain data (None, bool, int, float, complex, str, bytes, bytearray, list, tuple, dict, set, frozenset;
+  subclasses are converted to the base type, by value; anything else is "not plain data") on a pipe. Whatever
+  code there does (walk frames, patch the harness, write to the pipe, exit early), it can at most choose these
+  values, which is what returning an answer does.
+- the checker (`python -I -S -B`), started only after the candidate's whole process group has been killed: it
+  runs no candidate code. It decodes the reported values and evaluates each test's expression over them, with
+  only the builtins of `_SAFE_BUILTINS` and `math`, under its own CPU, memory and wall-clock limits (`timeout`
+  again). A primary that raised, timed out or was not plain data fails the test only if the test needed its value
+  (`x is None or f(x) == 1` short-circuits as usual); every primary is evaluated once, in source order.
+
+The candidate's process is confined by these layers, outermost first; it reports which ones it installed in
+``SandboxResult.layers``. See docs/security.md for what each stops and what is out of scope.
 
 1. ``process``: wall-clock timeout, then SIGKILL to the whole process group; none of the caller's
    environment variables (only PATH, HOME = TMPDIR = the working directory, PYTHONHASHSEED=0, PYTHONUTF8=1);
@@ -23,31 +40,28 @@ Hard guarantees (enforced by the kernel):
 6. ``seccomp`` (Linux x86_64/aarch64): fork/vfork/exec, non-thread clone, socket(), ptrace, mount and
    namespace calls, chmod/chown/xattr/utime, setting rlimits, signalling other processes, io_uring, bpf,
    kernel modules, clock and hostname changes all fail with EPERM.
+7. ``audit-hook``: a PEP 578 audit hook that refuses writes outside the working directory, reads of other
+   processes' /proc entries, os.system/exec/spawn/fork, subprocess, sockets, ctypes, gc and thread-frame
+   introspection, setrlimit, chmod/chown and signals to other processes. It runs inside the candidate's
+   interpreter and is known to be bypassable (``os.open(..., dir_fd=...)``, ``_posixsubprocess.fork_exec``,
+   reads outside /proc): a tripwire that gives clear errors to honest code, not a wall; layers 1-6 hold.
 
-Defence in depth (in-process: code running inside the interpreter can in principle subvert it):
-
-7. ``audit-hook``: a PEP 578 audit hook, installed before the candidate runs, blocks writes and deletions
-   outside the working directory, reads of other processes' /proc entries, os.system/exec/spawn/fork,
-   subprocess, sockets (``socket.socket`` is replaced too), importing ctypes, gc and thread-frame
-   introspection, sub-interpreters, setrlimit, chmod/chown and signals to other processes.
-
-Results come back on a dedicated pipe, one line per test prefixed by a random nonce that is never in the
-candidate's namespace, environment, argv or files, so printing or writing a fake result does not count.
-
-Known limits: the candidate shares the interpreter with the tests, so it can game equality checks (an
-object whose ``__eq__`` always returns True) or find the nonce through deliberate frame introspection; disk
-use inside the working directory is bounded per file but not in total; without seccomp, a root caller's
-child is not bound by RLIMIT_NPROC and processes that leave the process group survive the final SIGKILL.
+Known limits: disk use inside the working directory is bounded per file but not in total; without seccomp, a
+root caller's child is not bound by RLIMIT_NPROC and processes that leave the process group survive the final
+SIGKILL; a test whose verdict is computed by the solution's own code (`assert f(2).__eq__(4)`,
+`assert obj.is_valid()`) is only as honest as that code; a solution function passed as a value
+(`map(f, xs)`) is not plain data, so such a test fails.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import functools
 import json
 import math
 import os
 import re
-import secrets
 import select
 import shutil
 import signal
@@ -55,7 +69,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +82,7 @@ __all__ = [
     "SandboxResult",
     "code_reward",
     "extract_code",
+    "make_code_reward",
     "parse_tests",
     "run_tests",
     "run_tests_detailed",
@@ -74,7 +90,8 @@ __all__ = [
 
 _OUTPUT_CAP = 64 * 1024  # bytes of stdout/stderr read back
 _FILE_SIZE_LIMIT = 16 * 1024 * 1024  # RLIMIT_FSIZE: any file the child writes, stdout/stderr included
-_RESULT_CAP = 1024 * 1024  # bytes of the result channel kept
+_RESULT_CAP = 4 * 1024 * 1024  # bytes of the result channel kept
+_CHECKER_MIN_MB = 256  # memory limit of the checker process, at least
 _NOFILE = 64
 _NOBODY = 65534  # uid/gid of 'nobody' when the passwd database has no entry
 
@@ -552,37 +569,83 @@ def _note(write, message, exc=None):
         pass
 
 
-def _run(solution, tests, ok_lines, fail_lines, done_line, result_fd, _exec=exec, _write=os.write,
-         _base=BaseException, _exit=os._exit, _range=range, _len=len):
+def _plain(value, depth=0):
+    # A value as tagged JSON-ready data, by value: only the types below (and their subclasses, converted to the
+    # base type) cross to the checker; anything else is not plain data and fails the test that needs it.
+    if depth > 100:
+        raise ValueError("nested more than 100 levels deep")
+    kind = type(value)
+    if value is None:
+        return None
+    if kind is bool:
+        return ["b", value]
+    if issubclass(kind, int):
+        return ["i", int.__format__(value, "x")]
+    if issubclass(kind, float):
+        return ["f", float.hex(value)]
+    if issubclass(kind, complex):
+        value = complex(value)
+        return ["c", float.hex(value.real), float.hex(value.imag)]
+    if issubclass(kind, str):
+        return ["s", str.__str__(value)]
+    if issubclass(kind, bytes):
+        return ["y", bytes.hex(value)]
+    if issubclass(kind, bytearray):
+        return ["Y", bytearray.hex(value)]
+    if issubclass(kind, dict):
+        return ["d"] + [[_plain(k, depth + 1), _plain(v, depth + 1)] for k, v in dict.items(value)]
+    for base, tag in ((list, "l"), (tuple, "t"), (set, "S"), (frozenset, "F")):
+        if issubclass(kind, base):
+            return [tag] + [_plain(item, depth + 1) for item in value]
+    raise TypeError("a value of type %s is not plain data" % kind.__name__)
+
+
+def _write_all(fd, data, _write=os.write):
+    view = memoryview(data)
+    while view:
+        view = view[_write(fd, view):]
+
+
+def _run(solution, primaries, result_fd, _exec=exec, _eval=eval, _write_all=_write_all, _plain=_plain,
+         _base=BaseException, _exit=os._exit, _len=len, _range=range):
+    # Runs the candidate, then evaluates each primary (a sub-expression of a test that needs the candidate's
+    # names) and reports its value as plain data. This process never sees a test, an expected value or a
+    # verdict: whatever the candidate does here, it can at most choose the values it reports.
     import builtins
+    import json
     import types
+    dumps = json.dumps
     module = types.ModuleType("__solution__")
     module.__builtins__ = builtins
     sys.modules["__solution__"] = module
     namespace = module.__dict__
     if solution is None:
-        _note(_write, "the solution does not compile")
-    else:
+        _note(os.write, "the solution does not compile")
+        _exit(0)
+    _write_all(result_fd, b"compiled\n")
+    try:
+        _exec(solution, namespace)
+    except _base as exc:
+        _note(os.write, "the solution raised", exc)
+    for i in _range(_len(primaries)):
+        test, source, code = primaries[i]
         try:
-            _exec(solution, namespace)
+            value = _eval(code, namespace)
         except _base as exc:
-            _note(_write, "the solution raised", exc)
-    for i in _range(_len(tests)):
-        ok = False
-        if solution is not None and tests[i] is None:
-            _note(_write, "test %d does not compile" % i)
-        elif solution is not None:
+            _note(os.write, "test %d: %s raised" % (test, source[:200]), exc)
+            line = b"%d !\n" % i
+        else:
             try:
-                _exec(tests[i], namespace)
-                ok = True
+                line = b"%d " % i + dumps(_plain(value), separators=(",", ":")).encode("ascii") + b"\n"
             except _base as exc:
-                _note(_write, "test %d failed" % i, exc)
+                _note(os.write, "test %d: the value of %s is not plain data" % (test, source[:200]), exc)
+                line = b"%d ?\n" % i
         try:
-            _write(result_fd, ok_lines[i] if ok else fail_lines[i])
+            _write_all(result_fd, line)
         except _base:
             pass
     try:
-        _write(result_fd, done_line)
+        _write_all(result_fd, b"done\n")
     except _base:
         pass
     for stream in (sys.stdout, sys.stderr):
@@ -603,27 +666,161 @@ def _main():
         os.dup2(result_fd, 3)
         os.close(result_fd)
         result_fd = 3
-    nonce = cfg.pop("nonce").encode()
-    code, tests = cfg.pop("code"), cfg.pop("tests")
-    ok_lines = [nonce + b" %d 1\n" % i for i in range(len(tests))]
-    fail_lines = [nonce + b" %d 0\n" % i for i in range(len(tests))]
-    done_line = nonce + b" done\n"
+    code, primaries = cfg.pop("code"), cfg.pop("primaries")
     layers = _harden(cfg)
-    os.write(result_fd, nonce + b" layers " + ",".join(layers).encode() + b"\n")
-    del nonce
+    os.write(result_fd, b"layers " + ",".join(layers).encode() + b"\n")
     builtins.exit = builtins.quit = sys.exit  # normally provided by site, which -S skips
     try:
         solution = compile(code, "<solution>", "exec")
     except (SyntaxError, ValueError, MemoryError, RecursionError):
         solution = None
     compiled = []
-    for i, test in enumerate(tests):
+    for test, source in primaries:
+        compiled.append((test, source, compile(source, "<test %d>" % test, "eval")))
+    del code, primaries
+    _run(solution, compiled, result_fd)
+
+
+_main()
+"""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Program run by the checker interpreter, started only after the candidate's process group has been killed.
+# It runs no candidate code: it decodes the plain values the candidate's process reported for each primary
+# and evaluates every test's assert expression over them, with a fixed set of builtins and `math`. Its stdin
+# is one JSON header line (from the caller) followed by the raw bytes of the candidate's result channel.
+# ----------------------------------------------------------------------------------------------------------
+_CHECKER_SOURCE = r"""
+import json
+import math
+import sys
+
+
+def _limits(cfg):
+    import resource
+    for name, value in (("RLIMIT_AS", cfg["memory_bytes"]), ("RLIMIT_CPU", cfg["cpu_seconds"]),
+                        ("RLIMIT_FSIZE", 1 << 20), ("RLIMIT_NOFILE", 16), ("RLIMIT_CORE", 0)):
+        res = getattr(resource, name, None)
+        if res is None:
+            continue
         try:
-            compiled.append(compile(test, "<test %d>" % i, "exec"))
-        except (SyntaxError, ValueError, MemoryError, RecursionError):
-            compiled.append(None)
-    del code, tests
-    _run(solution, compiled, ok_lines, fail_lines, done_line, result_fd)
+            _, hard = resource.getrlimit(res)
+            if hard != resource.RLIM_INFINITY:
+                value = min(value, hard)
+            resource.setrlimit(res, (value, value))
+        except (ValueError, OSError):
+            pass
+
+
+class _NoValue(Exception):
+    pass
+
+
+def _text(x):
+    if type(x) is not str:
+        raise ValueError("malformed value")
+    return x
+
+
+def _decode(x, depth=0):
+    if depth > 101:
+        raise ValueError("nested too deeply")
+    if x is None:
+        return None
+    if type(x) is not list or not x:
+        raise ValueError("malformed value")
+    tag, args = x[0], x[1:]
+    if tag == "b" and len(args) == 1 and type(args[0]) is bool:
+        return args[0]
+    if tag == "i" and len(args) == 1:
+        return int(_text(args[0]), 16)
+    if tag == "f" and len(args) == 1:
+        return float.fromhex(_text(args[0]))
+    if tag == "c" and len(args) == 2:
+        return complex(float.fromhex(_text(args[0])), float.fromhex(_text(args[1])))
+    if tag == "s" and len(args) == 1:
+        return _text(args[0])
+    if tag == "y" and len(args) == 1:
+        return bytes.fromhex(_text(args[0]))
+    if tag == "Y" and len(args) == 1:
+        return bytearray.fromhex(_text(args[0]))
+    if tag in ("l", "t", "S", "F"):
+        items = [_decode(item, depth + 1) for item in args]
+        return {"l": list, "t": tuple, "S": set, "F": frozenset}[tag](items)
+    if tag == "d":
+        out = {}
+        for pair in args:
+            if type(pair) is not list or len(pair) != 2:
+                raise ValueError("malformed value")
+            out[_decode(pair[0], depth + 1)] = _decode(pair[1], depth + 1)
+        return out
+    raise ValueError("malformed value")
+
+
+def _main():
+    import builtins
+    data = sys.stdin.buffer.read()
+    header, _, raw = data.partition(b"\n")
+    cfg = json.loads(header)
+    _limits(cfg)
+    safe = {name: getattr(builtins, name) for name in cfg["safe"]}
+    sources = cfg["primaries"]
+    reports = {}
+    compiled = False
+    for line in raw.split(b"\n"):
+        if line == b"compiled":
+            compiled = True
+            continue
+        head, sep, rest = line.partition(b" ")
+        if sep and 0 < len(head) < 10 and head.isdigit():
+            i = int(head)
+            if i < len(sources) and i not in reports:
+                reports[i] = rest  # the first report of each primary counts
+    del data, raw
+    out = sys.stdout
+    for t, (checks, offset) in enumerate(cfg["tests"]):
+        reason = None
+        if not compiled:
+            reason = "the solution does not compile, or its process did not start"
+        else:
+            cache = {}
+
+            def value(k, offset=offset, cache=cache):
+                if k in cache:
+                    return cache[k]
+                i = offset + k
+                rest = reports.get(i)
+                if rest is None:
+                    raise _NoValue("%s: no value (timed out, or the process ended first)" % sources[i])
+                if rest == b"!":
+                    raise _NoValue("%s raised" % sources[i])
+                if rest == b"?":
+                    raise _NoValue("%s is not plain data" % sources[i])
+                try:
+                    cache[k] = _decode(json.loads(rest))
+                except Exception as exc:
+                    raise _NoValue("%s: unreadable value (%s)" % (sources[i], type(exc).__name__))
+                return cache[k]
+
+            env = {"__builtins__": safe, "math": math, "_p": value}
+            try:
+                for source in checks:
+                    if not eval(compile(source, "<test %d>" % t, "eval"), env):
+                        reason = "AssertionError"
+                        break
+            except _NoValue as exc:
+                reason = str(exc)
+            except BaseException as exc:
+                try:
+                    reason = "%s: %s" % (type(exc).__name__, str(exc)[:200])
+                except BaseException:
+                    reason = type(exc).__name__
+        if reason is None:
+            out.write("%d 1\n" % t)
+        else:
+            out.write("%d 0 %s\n" % (t, " ".join(reason.split())[:300]))
+        out.flush()
 
 
 _main()
@@ -658,6 +855,176 @@ def parse_tests(tests: Sequence[str] | str) -> list[str]:
         if not isinstance(test, str):
             raise AlignRLError(f"each test must be a string of Python code, got {type(test).__name__}")
     return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Test planning (in the caller): split each assert into the parts that need the candidate's names (the
+# "primaries", evaluated in the candidate's process) and the rest (evaluated by the checker over their values).
+# ----------------------------------------------------------------------------------------------------------
+# Names a test may use that always mean these builtins (or the math module), evaluated by the checker.
+_SAFE_BUILTINS = (
+    "abs", "all", "any", "ascii", "bin", "bool", "bytes", "chr", "complex", "dict", "divmod", "enumerate",
+    "filter", "float", "format", "frozenset", "hash", "hex", "int", "isinstance", "issubclass", "iter", "len",
+    "list", "map", "max", "min", "next", "oct", "ord", "pow", "range", "repr", "reversed", "round", "set",
+    "slice", "sorted", "str", "sum", "tuple", "type", "zip",
+)  # fmt: skip
+_SAFE_NAMES = frozenset((*_SAFE_BUILTINS, "math"))
+_COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)
+_FORBIDDEN = (ast.NamedExpr, ast.Await, ast.Yield, ast.YieldFrom)
+
+
+class _TestFormError(ValueError):
+    """A test that is not of a supported form (message without the test's index)."""
+
+
+def _bound_by(target: ast.expr) -> set[str]:
+    """Names bound by a comprehension target."""
+    names = set()
+    for node in ast.walk(target):
+        if isinstance(node, ast.Name):
+            names.add(node.id)
+        elif not isinstance(node, (ast.Tuple, ast.List, ast.Starred, ast.expr_context)):
+            raise _TestFormError(f"a comprehension target must be names, got {ast.unparse(target)!r}")
+    return names
+
+
+def _lambda_args(args: ast.arguments) -> set[str]:
+    params = [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]
+    return {a.arg for a in params if a is not None}
+
+
+def _free_names(node: ast.AST) -> set[str]:
+    """Names an expression reads from its enclosing scope (comprehension and lambda variables excluded)."""
+    if isinstance(node, ast.Name):
+        return {node.id}
+    if isinstance(node, ast.Lambda):
+        defaults = [*node.args.defaults, *(d for d in node.args.kw_defaults if d is not None)]
+        outer = set().union(*(_free_names(d) for d in defaults))
+        return outer | (_free_names(node.body) - _lambda_args(node.args))
+    if isinstance(node, _COMPREHENSIONS):
+        free = _free_names(node.generators[0].iter)
+        inner: set[str] = set()
+        parts: list[ast.AST] = []
+        for k, gen in enumerate(node.generators):
+            if k:
+                free |= _free_names(gen.iter) - inner
+            inner |= _bound_by(gen.target)
+            parts += gen.ifs
+        parts += [node.key, node.value] if isinstance(node, ast.DictComp) else [node.elt]
+        for part in parts:
+            free |= _free_names(part) - inner
+        return free
+    return set().union(set(), *(_free_names(child) for child in ast.iter_child_nodes(node)))
+
+
+class _Planner:
+    """Rewrites an assert expression for the checker, collecting the primaries the candidate evaluates."""
+
+    def __init__(self) -> None:
+        self.primaries: list[str] = []
+
+    @staticmethod
+    def _needs_candidate(node: ast.AST, bound: frozenset[str]) -> bool:
+        return bool(_free_names(node) - _SAFE_NAMES - bound)
+
+    @staticmethod
+    def _checker_side(node: ast.AST) -> None:
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Attribute) and sub.attr.startswith("_"):
+                raise _TestFormError(f"attribute {sub.attr!r} is not allowed outside calls to the solution")
+
+    def _primary(self, node: ast.expr, bound: frozenset[str]) -> ast.expr:
+        local = _free_names(node) & bound
+        if local:
+            raise _TestFormError(
+                f"{ast.unparse(node)!r} uses {sorted(local)[0]!r}, a comprehension or lambda variable of the "
+                "test: the solution's values cannot depend on the test's own variables; write one assert per input"
+            )
+        self.primaries.append(ast.unparse(node))
+        call = ast.Call(ast.Name("_p", ast.Load()), [ast.Constant(len(self.primaries) - 1)], [])
+        return ast.copy_location(call, node)
+
+    def expr(self, node: ast.expr, bound: frozenset[str] = frozenset()) -> ast.expr:
+        if not self._needs_candidate(node, bound):
+            self._checker_side(node)
+            return node
+        if isinstance(node, ast.Name):
+            return self._primary(node, bound)
+        if isinstance(node, (ast.Call, ast.Attribute, ast.Subscript)):
+            base = node.func if isinstance(node, ast.Call) else node.value
+            if self._needs_candidate(base, bound):  # f(...), obj.m(...)[0], ...: the whole chain
+                return self._primary(node, bound)
+            self._checker_side(base)  # len(...), math.isclose(...), [1, 2][...]
+            if isinstance(node, ast.Call):
+                node.args = [self.expr(a, bound) for a in node.args]
+                for kw in node.keywords:
+                    kw.value = self.expr(kw.value, bound)
+            elif isinstance(node, ast.Subscript):
+                node.slice = self.expr(node.slice, bound)
+            return node
+        if isinstance(node, ast.Lambda):
+            node.args.defaults = [self.expr(d, bound) for d in node.args.defaults]
+            node.args.kw_defaults = [d if d is None else self.expr(d, bound) for d in node.args.kw_defaults]
+            node.body = self.expr(node.body, bound | _lambda_args(node.args))
+            return node
+        if isinstance(node, _COMPREHENSIONS):
+            inner = set(bound)
+            for k, gen in enumerate(node.generators):
+                gen.iter = self.expr(gen.iter, bound if k == 0 else frozenset(inner))
+                inner |= _bound_by(gen.target)
+                gen.ifs = [self.expr(cond, frozenset(inner)) for cond in gen.ifs]
+            if isinstance(node, ast.DictComp):
+                node.key = self.expr(node.key, frozenset(inner))
+                node.value = self.expr(node.value, frozenset(inner))
+            else:
+                node.elt = self.expr(node.elt, frozenset(inner))
+            return node
+        for field, value in ast.iter_fields(node):  # operators, comparisons, displays, f-strings, slices
+            if isinstance(value, ast.expr):
+                setattr(node, field, self.expr(value, bound))
+            elif isinstance(value, list):
+                setattr(node, field, [self.expr(v, bound) if isinstance(v, ast.expr) else v for v in value])
+        return node
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan_test(source: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(checker expressions, primaries) of one test: one or more `assert EXPR[, message]` statements."""
+    try:
+        tree = ast.parse(source, mode="exec")
+    except SyntaxError as exc:
+        raise _TestFormError(f"is not valid Python: {exc.msg} (line {exc.lineno})") from None
+    except (ValueError, MemoryError, RecursionError) as exc:
+        raise _TestFormError(f"cannot be parsed: {type(exc).__name__}") from None
+    if not tree.body:
+        raise _TestFormError("is empty: write it as 'assert f(2) == 4'")
+    planner = _Planner()
+    checks = []
+    for stmt in tree.body:
+        if not isinstance(stmt, ast.Assert):
+            raise _TestFormError(
+                f"only assert statements are supported (e.g. 'assert f(2) == 4'), got {ast.unparse(stmt)[:80]!r}"
+            )
+        for sub in ast.walk(stmt.test):
+            if isinstance(sub, _FORBIDDEN):
+                raise _TestFormError(f"{type(sub).__name__} ({ast.unparse(sub)[:80]!r}) is not supported")
+        try:
+            checks.append(ast.unparse(ast.fix_missing_locations(planner.expr(stmt.test))))
+        except RecursionError:
+            raise _TestFormError("is nested too deeply") from None
+    return tuple(checks), tuple(planner.primaries)
+
+
+def _plan_tests(tests: Sequence[str]) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    """Plans of each test, or AlignRLError naming the first unsupported one."""
+    plans = []
+    for i, test in enumerate(tests):
+        try:
+            plans.append(_plan_test(test))
+        except _TestFormError as exc:
+            sep = " " if str(exc).startswith(("is ", "cannot")) else ": "
+            raise AlignRLError(f"test {i}{sep}{exc}") from None
+    return plans
 
 
 def _validate_limits(timeout: float, memory_mb: int, cpu_seconds: int | None) -> int:
@@ -727,28 +1094,57 @@ def _remove_tree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _parse_results(data: bytes, nonce: str, total: int) -> tuple[int, tuple[str, ...]]:
-    """Count passed tests from nonce-prefixed result lines; the first line per test wins."""
-    prefix = nonce.encode() + b" "
-    seen: set[int] = set()
-    passed = 0
-    layers: tuple[str, ...] = ()
-    for line in data.split(b"\n"):
-        if not line.startswith(prefix):
-            continue
-        rest = line[len(prefix) :]
-        if rest.startswith(b"layers "):
-            if not layers:
-                layers = tuple(x for x in rest[7:].decode("ascii", "replace").split(",") if x)
-            continue
-        parts = rest.split(b" ")
-        if len(parts) != 2 or not parts[0].isdigit() or parts[1] not in (b"0", b"1"):
-            continue
-        index = int(parts[0])
-        if index < total and index not in seen:
-            seen.add(index)
-            passed += parts[1] == b"1"
-    return passed, layers
+def _layers_of(data: bytes) -> tuple[str, ...]:
+    """Layers the harness reported in its first line, written before any candidate code ran."""
+    first = data.split(b"\n", 1)[0]
+    if not first.startswith(b"layers "):
+        return ()
+    return tuple(x for x in first[7:].decode("ascii", "replace").split(",") if x)
+
+
+def _check(
+    plans: list[tuple[tuple[str, ...], tuple[str, ...]]],
+    data: bytes,
+    *,
+    base: str,
+    timeout: float,
+    memory_mb: int,
+    cpu_seconds: int,
+) -> tuple[dict[int, str | None], bool]:
+    """Verdicts of the checker process per test (None: passed; else why not) and whether it timed out."""
+    tests, primaries = [], []
+    for checks, prims in plans:
+        tests.append([list(checks), len(primaries)])
+        primaries += prims
+    header = {
+        "tests": tests,
+        "primaries": primaries,
+        "safe": list(_SAFE_BUILTINS),
+        "memory_bytes": max(memory_mb, _CHECKER_MIN_MB) * 1024 * 1024,
+        "cpu_seconds": cpu_seconds,
+    }
+    payload = json.dumps(header).encode() + b"\n" + data
+    argv = [sys.executable, "-I", "-S", "-B", "-c", _CHECKER_SOURCE]
+    env = {"PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0", "PYTHONUTF8": "1"}
+    timed_out = False
+    try:
+        proc = subprocess.run(
+            argv, input=payload, capture_output=True, timeout=timeout, env=env, cwd=base, start_new_session=True
+        )
+        out, err, rc = proc.stdout, proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        out, err, rc, timed_out = exc.stdout or b"", exc.stderr or b"", None, True
+    except OSError as exc:
+        raise AlignRLError(f"cannot start the code reward's checker {sys.executable}: {exc}") from None
+    verdicts: dict[int, str | None] = {}
+    for line in out.decode("utf-8", "replace").splitlines():
+        index, _, rest = line.partition(" ")
+        if index.isdigit() and int(index) < len(plans) and int(index) not in verdicts:
+            verdicts[int(index)] = None if rest == "1" else rest[2:] or "failed"
+    if not verdicts and not timed_out:  # the checker runs no candidate code: this is not the candidate's doing
+        lines = err.decode("utf-8", "replace").strip().splitlines() or [f"exit code {rc}"]
+        raise AlignRLError(f"the code reward's checker failed: {lines[-1][:300]}")
+    return verdicts, timed_out
 
 
 def _run_sandboxed(
@@ -760,8 +1156,10 @@ def _run_sandboxed(
     cpu_seconds: int,
     disable: Sequence[str] = (),
 ) -> SandboxResult:
-    """Run `code` then each test in a hardened child; `disable` (testing only) skips named optional layers."""
-    nonce = secrets.token_hex(16)
+    """Run `code` and the tests' primaries in a hardened child, then the checker on the values it reported;
+    `disable` (testing only) skips named optional layers."""
+    plans = _plan_tests(tests)
+    primaries = [[t, source] for t, (_checks, prims) in enumerate(plans) for source in prims]
     base = tempfile.mkdtemp(prefix="alignrl-sandbox-")
     start = time.monotonic()
     try:
@@ -776,9 +1174,8 @@ def _run_sandboxed(
         read_fd, write_fd = os.pipe()
         try:
             payload = {
-                "nonce": nonce,
                 "code": code,
-                "tests": tests,
+                "primaries": primaries,
                 "workdir": work,
                 "result_fd": write_fd,
                 "memory_bytes": memory_mb * 1024 * 1024,
@@ -803,17 +1200,26 @@ def _run_sandboxed(
                 proc.wait()
         finally:
             os.close(read_fd)
-        passed, layers = _parse_results(data, nonce, len(tests))
+        layers = _layers_of(data)
         if not layers and not timed_out:  # the harness died before the candidate ran: not its fault
             lines = _read_head(err_path, _OUTPUT_CAP).strip().splitlines() or [f"exit code {proc.returncode}"]
             raise AlignRLError(f"the code sandbox failed to start (memory_mb too small?): {lines[-1][:300]}")
+        # Only now, with the candidate's processes gone, do the tests' full expressions exist in a process.
+        verdicts, check_timed_out = _check(
+            plans, data, base=base, timeout=timeout, memory_mb=memory_mb, cpu_seconds=cpu_seconds
+        )
+        notes = "".join(
+            f"[sandbox] test {t} failed: {verdicts.get(t, 'no verdict (the checker timed out)')}\n"
+            for t in range(len(tests))
+            if verdicts.get(t, "") is not None
+        )
         return SandboxResult(
-            passed=passed,
+            passed=sum(1 for t in range(len(tests)) if t in verdicts and verdicts[t] is None),
             total=len(tests),
-            timed_out=timed_out,
+            timed_out=timed_out or check_timed_out,
             exit_code=proc.returncode,
             stdout=_read_head(out_path, _OUTPUT_CAP),
-            stderr=_read_head(err_path, _OUTPUT_CAP),
+            stderr=_read_head(err_path, _OUTPUT_CAP) + notes,
             layers=("process", *layers),
             elapsed=time.monotonic() - start,
         )
@@ -892,18 +1298,29 @@ def extract_code(text: str) -> str:
     return text
 
 
-def code_reward(
-    prompts: list[Any],
+# Keywords that would be sandbox options of the reward but can only arrive here as dataset columns.
+_OPTION_COLUMNS = ("timeout", "memory_mb", "cpu_seconds")
+
+
+def _code_rewards(
     completions: list[Any],
-    completion_ids: list[list[int]] | None = None,
-    *,
     tests: list[Any],
-    timeout: float = 5.0,
-    **kwargs: Any,
+    columns: dict[str, Any],
+    *,
+    timeout: float,
+    memory_mb: int,
+    cpu_seconds: int | None,
 ) -> list[float]:
     """Fraction of each sample's tests passed by the code in its completion, run in the sandbox."""
     _check_platform()
-    cpu = _validate_limits(timeout, 512, None)
+    cpu = _validate_limits(timeout, memory_mb, cpu_seconds)
+    for name in _OPTION_COLUMNS:
+        if name in columns:
+            warnings.warn(
+                f"code reward: ignoring column {name!r}: sandbox limits are not taken from the data "
+                f"(use alignrl.rewards.code.make_code_reward({name}=...) in a reward module)",
+                stacklevel=3,
+            )
     if isinstance(tests, str) or len(tests) != len(completions):
         got = "a string" if isinstance(tests, str) else f"{len(tests)} entries"
         raise AlignRLError(f"column 'tests' needs one entry per completion: {got} for {len(completions)}")
@@ -911,6 +1328,7 @@ def code_reward(
     for i, sample_tests in enumerate(tests):
         try:
             test_lists.append(parse_tests(sample_tests))
+            _plan_tests(test_lists[-1])
         except AlignRLError as exc:
             raise AlignRLError(f"column 'tests', sample {i}: {exc}") from None
     codes = [extract_code(completion_text(c)) for c in completions]
@@ -922,10 +1340,40 @@ def code_reward(
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="alignrl-sandbox") as pool:
         futures = {
             i: pool.submit(
-                _run_sandboxed, codes[i], test_lists[i], timeout=timeout, memory_mb=512, cpu_seconds=cpu
+                _run_sandboxed, codes[i], test_lists[i], timeout=timeout, memory_mb=memory_mb, cpu_seconds=cpu
             )
             for i in todo
         }
         for i, future in futures.items():
             rewards[i] = future.result().score
     return rewards
+
+
+def make_code_reward(
+    *, timeout: float = 5.0, memory_mb: int = 512, cpu_seconds: int | None = None
+) -> Callable[..., list[float]]:
+    """A `code` reward with its own sandbox limits, e.g. in a reward module named in reward_funcs
+    (`my_rewards.py:code_30s` with `code_30s = make_code_reward(timeout=30)`)."""
+    _validate_limits(timeout, memory_mb, cpu_seconds)
+
+    def code_reward(
+        prompts: list[Any],
+        completions: list[Any],
+        completion_ids: list[list[int]] | None = None,
+        *,
+        tests: list[Any],
+        **columns: Any,
+    ) -> list[float]:
+        """Fraction of each sample's tests passed by the code in its completion; other columns are ignored."""
+        return _code_rewards(
+            completions, tests, columns, timeout=timeout, memory_mb=memory_mb, cpu_seconds=cpu_seconds
+        )
+
+    return code_reward
+
+
+code_reward = make_code_reward()  # 5 s, 512 MiB
+code_reward.__doc__ = """Fraction of each sample's tests passed by the code in its completion, run in the sandbox
+(5 s, 512 MiB). Called like TRL reward functions, with every dataset column as a keyword: only `tests` is used;
+the other columns, including any named `timeout`, `memory_mb` or `cpu_seconds`, cannot change the sandbox's
+limits (those warn). For other limits use `make_code_reward(timeout=..., memory_mb=..., cpu_seconds=...)`."""
