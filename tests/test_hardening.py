@@ -38,6 +38,12 @@ def data(tmp_path):
                 return [None] * len(completions)
             def huge(prompts, completions, completion_ids, **kw):
                 return [1e308] * len(completions)
+            def alarm(prompts, completions, completion_ids, **kw):
+                import signal  # math_verify's own time limit works like this: it needs the main thread
+                previous = signal.signal(signal.SIGALRM, signal.SIG_IGN)
+                signal.alarm(0)
+                signal.signal(signal.SIGALRM, previous)
+                return [float(c.strip() == a) for c, a in zip(completions, kw["answer"])]
             """
         )
     )
@@ -131,6 +137,16 @@ def test_explicit_older_checkpoint_does_not_silently_drop_newer_ones(tiny_model,
     assert (out / "checkpoint-2").is_dir()
 
 
+def test_resuming_another_directorys_checkpoint_does_not_take_over_an_earlier_run(tiny_model, data, capsys):
+    a, b = data / "a", data / "b"
+    assert main(_sft(tiny_model, data, a, "save_steps=1")) == 0
+    assert main(_sft(tiny_model, data, b, "max_steps=3")) == 0
+    metrics = (b / "metrics.jsonl").read_text()
+    assert main(_sft(tiny_model, data, b, f"resume={a / 'checkpoint-1'}")) == 2
+    assert f"output_dir {b} already holds an earlier sft run" in _error(capsys)
+    assert (b / "metrics.jsonl").read_text() == metrics
+
+
 def test_output_dir_that_is_a_file(tiny_model, data, capsys):
     (data / "afile").write_text("mine")
     assert main(_sft(tiny_model, data, data / "afile")) == 2
@@ -218,6 +234,19 @@ def test_hanging_reward_function_times_out(tiny_model, data, capsys):
     assert "reward function hangs did not return within 1 s (reward_timeout)" in _error(capsys)
 
 
+def test_reward_functions_run_on_the_main_thread_under_the_timeout(tiny_model, data):
+    args = _grpo(tiny_model, data, data / "run", f"reward_funcs=[{data / 'r.py'}:alarm]", "reward_timeout=30")
+    assert main(args) == 0
+
+
+def test_lock_is_released_when_a_run_fails(tiny_model, data):
+    out = data / "run"
+    assert main(_grpo(tiny_model, data, out, f"reward_funcs=[{data / 'r.py'}:exits]")) == 2
+    code = f"from pathlib import Path; from alignrl import rundir; rundir.lock(Path({str(out)!r}))"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert other.returncode == 0, other.stderr
+
+
 def test_reward_overflow_is_an_error(tiny_model, data, capsys):
     assert main(_grpo(tiny_model, data, data / "run", f"reward_funcs=[{data / 'r.py'}:huge]")) == 2
     assert "reward function huge returned 1e+308 at index 0: beyond the float32 range" in _error(capsys)
@@ -229,6 +258,13 @@ def test_rewards_that_never_apply_warn_and_stop(tiny_model, data, capsys):
     err = capsys.readouterr().err
     assert "warning: step 1: no reward function (none) returned a number for any of the 4 samples" in err
     assert "2 steps in a row without a reward for any sample (at step 2" in err
+
+
+def test_rewards_that_never_apply_are_seen_with_dynamic_sampling(tiny_model, data, capsys):
+    args = _grpo(tiny_model, data, data / "run", f"reward_funcs=[{data / 'r.py'}:none]", "max_nonfinite_in_a_row=2",
+                 "dynamic_sampling=true", "dynamic_sampling_max_rounds=2", "overlong_cache=1", "max_steps=5")
+    assert main(args) == 2  # every group is dropped (no spread) and the length penalty always scores: still seen
+    assert "no reward function (none) returned a number for any of the 8 samples" in capsys.readouterr().err
 
 
 def test_causal_lm_as_reward_model_is_refused(tiny_model, data, capsys):
@@ -292,6 +328,10 @@ def test_init_model_rejects_bad_sizes_and_existing_outputs(data, capsys):
     assert (data / "keep.txt").read_text() == "mine" and not list(data.glob(".keep.txt*"))
     assert main(["init-model", "--out", str(data), "--hidden-size", "16", "--heads", "2"]) == 2
     assert "is not empty" in _error(capsys) and (data / "sft.jsonl").is_file()
+    assert main(["init-model", "--out", str(data), "--hidden-size", "16", "--heads", "2", "--overwrite"]) == 2
+    assert "holds no model" in _error(capsys) and (data / "sft.jsonl").is_file()
+    assert main(["init-model", "--out", str(data / "m"), "--hidden-size", "16", "--heads", "2"]) == 0
+    assert main(["init-model", "--out", str(data / "m"), "--hidden-size", "16", "--heads", "2", "--overwrite"]) == 0
 
 
 def test_ctrl_c_during_start_up_is_one_line(monkeypatch, capsys):

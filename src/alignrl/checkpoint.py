@@ -67,8 +67,7 @@ from alignrl.models import atomic_dir, is_peft, unwrap, write_pretrained
 MARKER = "alignrl_checkpoint.json"
 STATE_FILE = "trainer_state.pt"
 TRAINABLE_FILE = "trainable.safetensors"
-FORMAT = 2  # 2 adds a SHA-256 per file; format 1 (sizes only) still loads
-_FORMATS = (1, 2)
+FORMAT = 1
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -203,27 +202,29 @@ def save_checkpoint(
 
 
 def write_marker(tmp: Path, step: int, meta: dict[str, Any] | None = None) -> None:
-    """The completion marker, written last: every file's size and SHA-256, the step and `meta`."""
-    files = {str(p.relative_to(tmp)): _file_record(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-    marker = {"format": FORMAT, "step": step, **(meta or {}), "files": files}
+    """The completion marker, written last: every file's size (what older versions check) and SHA-256, the
+    step and `meta` (the algorithm)."""
+    paths = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
+    marker = {
+        "format": FORMAT,
+        "step": step,
+        **(meta or {}),
+        "files": {str(p.relative_to(tmp)): p.stat().st_size for p in paths},
+        "sha256": {str(p.relative_to(tmp)): _sha256(p) for p in paths},
+    }
     (tmp / MARKER).write_text(json.dumps(marker, indent=1))
 
 
-def _file_record(path: Path) -> dict[str, Any]:
+def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
-    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+    return digest.hexdigest()
 
 
 def read_marker(path: str | Path) -> dict[str, Any]:
     return json.loads((Path(path) / MARKER).read_text())
-
-
-def _sizes(marker: dict[str, Any]) -> dict[str, int]:
-    """name -> size from a marker (format 1 stored the size alone)."""
-    return {n: (r["size"] if isinstance(r, dict) else r) for n, r in marker["files"].items()}
 
 
 def is_complete(path: str | Path) -> bool:
@@ -232,18 +233,19 @@ def is_complete(path: str | Path) -> bool:
     path = Path(path)
     try:
         marker = read_marker(path)
-        return marker["format"] in _FORMATS and all(
-            (path / name).is_file() and (path / name).stat().st_size == size for name, size in _sizes(marker).items()
+        return marker["format"] == FORMAT and all(
+            (path / name).is_file() and (path / name).stat().st_size == size for name, size in marker["files"].items()
         )
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
 def corrupt_file(path: str | Path) -> str | None:
-    """The first file of a complete checkpoint whose SHA-256 differs from its marker's, else None."""
+    """The first file of a complete checkpoint whose SHA-256 differs from its marker's (markers written before
+    checksums have none to check), else None."""
     path = Path(path)
-    for name, record in read_marker(path)["files"].items():
-        if isinstance(record, dict) and _file_record(path / name)["sha256"] != record["sha256"]:
+    for name, digest in read_marker(path).get("sha256", {}).items():
+        if _sha256(path / name) != digest:
             return name
     return None
 

@@ -70,8 +70,13 @@ def init_model(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise AlignRLError(f"--out: {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise AlignRLError(f"--out: {out} is not empty; choose another directory or pass --overwrite to replace it")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise AlignRLError(f"--out: {out} is not empty; choose another directory or pass --overwrite to replace it")
+        if not (out / "config.json").is_file():  # --overwrite replaces a model, not an arbitrary directory
+            raise AlignRLError(
+                f"--out: {out} is not empty and holds no model (config.json); --overwrite replaces only a model"
+            )
     tok = build_char_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tok),

@@ -16,15 +16,19 @@ import contextlib
 import datetime
 import errno
 import fcntl
+import functools
 import json
 import os
 import re
 import shutil
 import socket
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from alignrl.errors import AlignRLError
 
+C = TypeVar("C")
 LOCK_FILE = ".alignrl.lock"
 RUN_INFO = "alignrl_run.json"
 _CHECKPOINT = re.compile(r"^checkpoint-\d+$")
@@ -64,14 +68,28 @@ def lock(out: Path) -> None:
         ) from None
     except OSError as e:  # a filesystem without flock: run unlocked rather than not at all
         os.close(fd)
-        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # e.g. Lustre mounted noflock
             raise
         return
+    _held[key] = fd
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started})
     os.ftruncate(fd, 0)
     os.pwrite(fd, info.encode() + b"\n", 0)
-    _held[key] = fd
+
+
+def releases_output_dir(train: Callable[[C], Path]) -> Callable[[C], Path]:
+    """Decorator for a trainer's `train(cfg)`: the output_dir lock is released when it returns or raises (an
+    interactive session that caught the error can then start another run there)."""
+
+    @functools.wraps(train)
+    def wrapper(cfg: C) -> Path:
+        try:
+            return train(cfg)
+        finally:
+            unlock(Path(cfg.output_dir))  # type: ignore[attr-defined]
+
+    return wrapper
 
 
 def unlock(out: Path) -> None:

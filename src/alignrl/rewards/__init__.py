@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import signal
 import threading
 from collections.abc import Callable, Sequence
 from math import nan  # not `import math`: the submodule alignrl.rewards.math would shadow it
@@ -86,40 +87,52 @@ _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 class _RealInterrupt(KeyboardInterrupt):
-    """A Ctrl-C delivered to the main thread while it waited for a reward function (not the function's own)."""
+    """A Ctrl-C during a reward call (re-raised as the interrupt it is, not reported as the function's error)."""
+
+
+class RewardTimeout(BaseException):
+    """Raised inside a reward call that ran past its time limit. A BaseException, so that user code's
+    `except Exception` does not swallow it."""
+
+
+# The watchdog's signal: a real-time signal nothing else in the process uses (math_verify and user code keep
+# SIGALRM, torchrun its SIGTERM/SIGUSR handling).
+_WATCHDOG_SIGNAL = getattr(signal, "SIGRTMIN", signal.SIGUSR2) + 5
 
 
 def call_with_timeout(fn: Callable[..., Any], timeout: float, *args: Any, **kwargs: Any) -> Any:
-    """fn(*args, **kwargs), or TimeoutError after `timeout` seconds (0: wait forever, in this thread). The call
-    runs in a daemon thread that is abandoned on timeout (Python cannot stop it), so the run can still exit.
-    Whatever the call raises is re-raised here; a KeyboardInterrupt it raises itself is not a real interrupt
-    and is reported like any other exception."""
-    if not timeout:
+    """fn(*args, **kwargs) on this thread, or TimeoutError once it has run `timeout` seconds (0: no limit). A
+    watchdog thread sends the main thread a signal whose handler raises RewardTimeout inside the call, which
+    also interrupts blocking waits; the call keeps the main thread (its signal.alarm, CUDA device, grad mode).
+    Off the main thread, where Python cannot deliver signals, the call has no limit."""
+    if not timeout or threading.current_thread() is not threading.main_thread():
         try:
             return fn(*args, **kwargs)
         except KeyboardInterrupt as e:
             raise _RealInterrupt(*e.args) from None
-    result: dict[str, Any] = {}
-    done = threading.Event()
+    active = [True]
 
-    def target() -> None:
-        try:
-            result["value"] = fn(*args, **kwargs)
-        except BaseException as e:  # noqa: BLE001 - handed to the caller
-            result["error"] = e
-        finally:
-            done.set()
+    def on_signal(signum: int, frame: Any) -> None:
+        if active[0]:
+            raise RewardTimeout
 
-    threading.Thread(target=target, name=f"alignrl-reward-{getattr(fn, '__name__', 'fn')}", daemon=True).start()
+    previous = signal.signal(_WATCHDOG_SIGNAL, on_signal)
+    main = threading.main_thread().ident
+    watchdog = threading.Timer(timeout, lambda: active[0] and signal.pthread_kill(main, _WATCHDOG_SIGNAL))
+    watchdog.daemon = True
+    watchdog.start()
     try:
-        finished = done.wait(timeout)
+        result = fn(*args, **kwargs)
+        active[0] = False
+        return result
+    except RewardTimeout:
+        raise TimeoutError from None
     except KeyboardInterrupt as e:
         raise _RealInterrupt(*e.args) from None
-    if not finished:
-        raise TimeoutError
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
+    finally:
+        active[0] = False
+        watchdog.cancel()
+        signal.signal(_WATCHDOG_SIGNAL, previous)
 
 
 def check_sampling_options(cfg: Any) -> None:
@@ -162,6 +175,8 @@ class RewardFunctions:
                 )
             self.fns.append((name, fn))
         self.weights = torch.tensor(list(weights) if weights else [1.0] * len(specs), dtype=torch.float32)
+        self.configured = len(self.fns)  # functions added later (a length penalty) are not a reward signal
+        self.unrewarded = [0, 0]  # samples scored since take_unrewarded() without a number from any of them, all
 
     @property
     def names(self) -> list[str]:
@@ -215,7 +230,14 @@ class RewardFunctions:
                         f"reward function {name} returned {v!r} at index {i}: beyond the float32 range (±3.4e38)"
                     )
                 out[i, j] = float(v)
+        self.unrewarded[0] += int(out[:, : self.configured].isnan().all(dim=1).sum())
+        self.unrewarded[1] += n
         return out
+
+    def take_unrewarded(self) -> tuple[int, int]:
+        """(samples no configured function gave a number, samples scored) since the last call."""
+        counts, self.unrewarded = tuple(self.unrewarded), [0, 0]
+        return counts  # type: ignore[return-value]
 
     def combine(self, raw: torch.Tensor) -> torch.Tensor:
         """Weighted sum over functions, ignoring NaN (None) entries; a sample with no applicable function gets 0."""

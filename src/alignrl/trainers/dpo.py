@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from alignrl import checkpoint
+from alignrl import checkpoint, rundir
 from alignrl import distributed as dist
 from alignrl.algos.preference import REFERENCE_FREE_LOSSES, preference_loss
 from alignrl.config import TrainConfig
@@ -213,6 +213,7 @@ def pair_update(
     return {k: dist.all_reduce(acc.get(k, 0.0)) / n_total for k in stat_keys}, upd
 
 
+@rundir.releases_output_dir
 def train(cfg: DPOConfig) -> Path:
     """Run DPO (or a family member); returns the final model directory."""
     run = loop.start_run(cfg)

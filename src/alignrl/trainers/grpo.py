@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from alignrl import checkpoint
+from alignrl import checkpoint, rundir
 from alignrl import distributed as dist
 from alignrl.algos.advantages import ADVANTAGE_ESTIMATORS
 from alignrl.algos.kl import kl_estimate
@@ -185,6 +185,7 @@ def _concat(parts: list[ScoredRollout], pad_id: int) -> ScoredRollout:
     )
 
 
+@rundir.releases_output_dir
 def train(cfg: GRPOConfig) -> Path:
     """Run GRPO; returns the final model directory."""
     run = loop.start_run(cfg)
@@ -213,9 +214,10 @@ def train(cfg: GRPOConfig) -> Path:
     for step in range(first, cfg.max_steps + 1):
         timer = loop.Timer()
         loop.release_freed_memory()  # the last update's activations and gradients, before the KV cache
+        fns.take_unrewarded()  # count this step's samples only (not an evaluation's)
         with timer("generation"):
             scored, ds_metrics = rollout_batch(policy, tok, data, stream, cfg, fns, run.device)
-        loop.check_reward_signal(run, scored.raw_rewards, fns.names)
+        loop.check_reward_signal(run, fns)
         ro = scored.rollout
         if ro.completion_ids.shape[0] == 0:  # dynamic sampling found no informative group
             run.metrics.log(step, {**ds_metrics, "skipped_step": 1.0})

@@ -38,6 +38,7 @@ from alignrl.models import (
     pack_frozen_linears,
     save_pretrained_atomic,
 )
+from alignrl.rewards import RewardFunctions
 
 
 def _malloc_trim() -> Any:
@@ -189,34 +190,48 @@ def start_run(cfg: TrainConfig) -> Run:
     device = dist.init(cfg.distributed, cfg.device)  # torchrun: join the process group; this rank's device
     out = Path(cfg.output_dir)
     algorithm = algorithm_of(cfg)
-    resume_from, keep = None, None
+    resume_from, keep, refusal = None, None, None
     if dist.is_main():  # rank 0 owns the directory; the others wait for its decisions
-        rundir.ensure_dir(out)
-        rundir.lock(out)
         try:
-            rundir.remove_debris(out)
-            rundir.check_algorithm(out, algorithm, cfg.resume)
-            resume_from = checkpoint.resolve_resume(cfg.resume, out, algorithm)
-            if cfg.resume == "auto" and resume_from is None:
-                print(f"alignrl: resume=auto: no complete checkpoint in {out}; starting fresh", file=sys.stderr)
-            rundir.prepare(
-                out,
-                algorithm,
-                resume=cfg.resume,
-                resuming_from_checkpoint=resume_from is not None,
-                overwrite=cfg.overwrite_output_dir,
-            )
-            if resume_from is not None:
-                check_resume_options(resume_from, cfg)
-                keep = checkpoint.checkpoint_step(resume_from)
-                checkpoint.discard_after(out, keep, allowed=cfg.resume == "auto" or cfg.overwrite_output_dir)
-            save_config(cfg, out / "config.yaml")
-        except BaseException:
-            rundir.unlock(out)
-            raise
-    resume_from, keep = dist.broadcast_object((resume_from, keep))
+            resume_from, keep = _claim_output_dir(cfg, out, algorithm)
+        except AlignRLError as e:  # every rank stops with the same line instead of waiting for rank 0
+            refusal = str(e)
+    resume_from, keep, refusal = dist.broadcast_object((resume_from, keep, refusal))
+    if refusal is not None:
+        raise AlignRLError(refusal)
     metrics = MetricsLogger(out, cfg.max_steps, cfg.progress_bar, keep_until=keep, enabled=dist.is_main())
     return Run(cfg=cfg, device=device, out=out, metrics=metrics, resume_from=resume_from, algorithm=algorithm)
+
+
+def _claim_output_dir(cfg: TrainConfig, out: Path, algorithm: str) -> tuple[Path | None, int | None]:
+    """Rank 0: create and lock `out`, find the checkpoint to resume from, decide what may happen to an earlier
+    run there, save the config. Returns (checkpoint or None, its step or None)."""
+    rundir.ensure_dir(out)
+    rundir.lock(out)
+    try:
+        rundir.remove_debris(out)
+        rundir.check_algorithm(out, algorithm, cfg.resume)
+        resume_from = checkpoint.resolve_resume(cfg.resume, out, algorithm)
+        if cfg.resume == "auto" and resume_from is None:
+            print(f"alignrl: resume=auto: no complete checkpoint in {out}; starting fresh", file=sys.stderr)
+        inside = resume_from is not None and resume_from.resolve().parent == out.resolve()
+        rundir.prepare(
+            out,
+            algorithm,
+            resume=cfg.resume,
+            resuming_from_checkpoint=inside,  # a checkpoint of another directory starts this one afresh
+            overwrite=cfg.overwrite_output_dir,
+        )
+        keep = None
+        if resume_from is not None:
+            check_resume_options(resume_from, cfg)
+            keep = checkpoint.checkpoint_step(resume_from)
+            checkpoint.discard_after(out, keep, allowed=cfg.resume == "auto" or cfg.overwrite_output_dir)
+        save_config(cfg, out / "config.yaml")
+        return resume_from, keep
+    except BaseException:
+        rundir.unlock(out)
+        raise
 
 
 def check_resume_options(path: Path, cfg: TrainConfig) -> None:
@@ -229,7 +244,7 @@ def check_resume_options(path: Path, cfg: TrainConfig) -> None:
     if not isinstance(saved, dict):
         return
     now = dataclasses.asdict(cfg)
-    changed = [k for k in now if k in saved and saved[k] != now[k] and k not in _NOT_COMPARED]
+    changed = [k for k in now if k in saved and not _same(saved[k], now[k]) and k not in _NOT_COMPARED]
     for k in changed:
         if k in cfg.RESUME_FIXED:
             raise AlignRLError(
@@ -239,6 +254,15 @@ def check_resume_options(path: Path, cfg: TrainConfig) -> None:
     if changed:
         listed = ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed)
         print(f"alignrl: warning: resume: options changed since {path.name}: {listed}", file=sys.stderr)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal option values; paths that name the same existing file or directory count as equal."""
+    if a == b:
+        return True
+    if isinstance(a, str) and isinstance(b, str) and a and b and Path(a).exists():
+        return Path(a).resolve() == Path(b).resolve()
+    return False
 
 
 _NOT_COMPARED = frozenset({"output_dir", "resume", "overwrite_output_dir", "progress_bar", "logging_steps"})
@@ -379,12 +403,14 @@ def optimizer_step(
     return out
 
 
-def check_reward_signal(run: Run, raw_rewards: torch.Tensor, names: list[str]) -> None:
-    """Warn when no sample of this step's (global) batch got a reward from any function (all None/NaN: the step
-    has no learning signal); stop after cfg.max_nonfinite_in_a_row such steps in a row."""
-    missing = dist.all_reduce(raw_rewards.isnan().all(dim=1).sum().float())
-    total = dist.all_reduce(float(raw_rewards.shape[0]))
-    if total == 0 or float(missing) < float(total):
+def check_reward_signal(run: Run, fns: RewardFunctions) -> None:
+    """Warn when no sample scored for this step (all ranks, dynamic-sampling rounds included) got a number from
+    any configured reward function (all None/NaN: no learning signal); stop after cfg.max_nonfinite_in_a_row
+    such steps in a row."""
+    missing, total = fns.take_unrewarded()
+    missing, total = dist.all_reduce(missing), dist.all_reduce(total)
+    names = fns.names[: fns.configured]
+    if total == 0 or missing < total:
         run.no_reward_in_a_row = 0
         return
     run.no_reward_in_a_row += 1

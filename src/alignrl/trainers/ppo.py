@@ -14,12 +14,12 @@ import contextlib
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
-from alignrl import checkpoint
+from alignrl import checkpoint, rundir
 from alignrl import distributed as dist
 from alignrl.algos.advantages import gae
 from alignrl.algos.kl import kl_estimate
@@ -89,6 +89,8 @@ class PPOConfig(TrainConfig):
     dual_clip: float | None = None  # c > 1 caps the loss of negative-advantage tokens (typically 3)
     vf_coef: float = 0.1  # weight of the value loss
     log_completions: int = 4  # completions written to samples.jsonl every logging step
+
+    RESUME_FIXED: ClassVar[tuple[str, ...]] = (*TrainConfig.RESUME_FIXED, "critic", "value_model")
 
     @property
     def batch_size(self) -> int:
@@ -273,6 +275,7 @@ class Critic:
         dist.barrier()
 
 
+@rundir.releases_output_dir
 def train(cfg: PPOConfig) -> Path:
     """Run PPO; returns the final policy directory (the critic is saved next to it)."""
     if dist.env_world_size() > 1 and cfg.distributed == "fsdp" and cfg.critic == "shared":
@@ -315,13 +318,14 @@ def train(cfg: PPOConfig) -> Path:
         a, b = dist.shard_bounds(len(idx))  # this rank's prompts; sampling keyed by the index in the global batch
         base = (cfg.seed * 1_000_003 + getattr(stream, "consumed", step)) * 1_000_003
         loop.release_freed_memory()  # the last update's activations and gradients, before the KV cache
+        fns.take_unrewarded()  # count this step's samples only (not an evaluation's)
         with timer("generation"), dist.full_params(policy) as lm:
             scored = sample_and_score(
                 lm, tok, [data.rows[i] for i in idx[a:b]], [data.where(i) for i in idx[a:b]], fns, sampling,
                 repeats=G, max_prompt_length=cfg.max_prompt_length, device=run.device,
                 seeds=[base + j for j in range(a * G, b * G)],
             )  # fmt: skip
-        loop.check_reward_signal(run, scored.raw_rewards, fns.names)
+        loop.check_reward_signal(run, fns)
         ro = scored.rollout
         ids, attn, P = ro.input_ids, ro.attention_mask, ro.prompt_ids.shape[1]
         mask = ro.completion_mask.float()

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from alignrl import checkpoint
+from alignrl import checkpoint, rundir
 from alignrl import distributed as dist
 from alignrl.algos.preference import bradley_terry_loss
 from alignrl.config import TrainConfig
@@ -121,6 +121,7 @@ def load_model(cfg: RMConfig, device: torch.device):
     return model, tok
 
 
+@rundir.releases_output_dir
 def train(cfg: RMConfig) -> Path:
     """Train a reward model; returns the final model directory (loadable with AutoModelForSequenceClassification)."""
     run = loop.start_run(cfg)
