@@ -5,12 +5,14 @@ sharded checkpoint reproduces the uninterrupted run; final/ of an fsdp run loads
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_distributed import torchrun
+from test_distributed import _run_group, torchrun
 
 from alignrl.cli import main
 from alignrl.data import write_jsonl
@@ -195,3 +197,16 @@ def test_ppo_shared_critic_two_ranks_ddp(tiny_model, tmp_path):
     a = torch.load(tmp_path / "ddp" / "value_head.pt")
     b = torch.load(tmp_path / "single" / "value_head.pt")
     assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-8) for k in b)
+
+
+@pytest.mark.slow
+def test_a_refusal_on_rank_0_stops_every_rank(tiny_model, tmp_path):
+    """Rank 0 decides what may happen to output_dir; the other ranks must stop with its error, not wait for it."""
+    out = tmp_path / "run"
+    _single("sft", tiny_model, tmp_path, out)  # an earlier run: a fresh one must refuse
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "alignrl.cli",
+           "train", "sft", *_args("sft", tiny_model, tmp_path, out, "distributed=ddp")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = _run_group(cmd, env, timeout=120)
+    assert proc.returncode != 0 and "timed out" not in proc.stderr
+    assert proc.stderr.count(f"alignrl: error: output_dir {out} already holds an earlier sft run") == 2, proc.stderr
