@@ -262,8 +262,8 @@ def test_generation_passes_the_kv_cache_under_the_current_keyword(monkeypatch, a
 
 
 def test_fast_decode_declines_what_it_does_not_reproduce(tiny_model):
-    """LoRA-wrapped projections, other activations and sliding windows shorter than the sequence fall back to the
-    model's forward (build returns None)."""
+    """Other activations, sliding windows shorter than the sequence and LoRA variants (DoRA) fall back to the
+    model's forward (build returns None); plain LoRA is merged into the decoder's weights."""
     from alignrl.decode import FastDecoder
 
     assert FastDecoder.build(_tiny("llama"), 64, 3) is not None
@@ -272,10 +272,55 @@ def test_fast_decode_declines_what_it_does_not_reproduce(tiny_model):
     assert FastDecoder.build(_tiny("mistral", sliding_window=128), 64, 3) is not None
     from peft import LoraConfig, get_peft_model
 
-    lora = get_peft_model(_tiny("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     from alignrl.models import unwrap
 
-    assert FastDecoder.build(unwrap(lora), 64, 3) is None
+    lora = get_peft_model(_tiny("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert FastDecoder.build(unwrap(lora), 64, 3) is not None
+    dora = get_peft_model(_tiny("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True))
+    assert FastDecoder.build(unwrap(dora), 64, 3) is None
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_fast_decode_with_lora_equals_the_peft_forward(monkeypatch, arch, autocast):
+    """Sampling with a LoRA adapter (every projection, nonzero B, two adapters' worth of scaling) steps the fused
+    decoder on weights with the adapter merged once per rollout: the same tokens and log-probs as peft's own
+    forward, and the peft model's weights are left as they were."""
+    import alignrl.decode as d
+    from peft import LoraConfig, get_peft_model
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(_tiny(arch), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # peft starts B at zero: the adapter would change nothing
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids, mask = left_pad([[5, 6, 7, 8, 9], [3, 4], [10, 11, 12]], 0)
+    params = SamplingParams(12, temperature=1.0, autocast=autocast)
+    steps = []
+    real_step = d.FastDecoder.step
+    monkeypatch.setattr(d.FastDecoder, "step", lambda self, *a: steps.append(1) or real_step(self, *a))
+    fast = generate(model, ids, mask, params, [49], 0, seeds=[1, 2, 3])
+    assert len(steps) == 11  # the fused decoder ran, not peft's wrappers
+    monkeypatch.setattr(d.FastDecoder, "build", staticmethod(lambda *a: None))
+    if autocast is None:
+        slow = generate(model, ids, mask, params, [49], 0, seeds=[1, 2, 3])
+        assert torch.equal(fast.completion_ids, slow.completion_ids)
+        torch.testing.assert_close(fast.logprobs, slow.logprobs, atol=5e-5, rtol=0)  # W+BA vs W·x+B(A·x) rounding
+    else:  # bf16 rounds W + BA differently from W·x + B(A·x), so a near-tie may sample another token: the sampled
+        # tokens' log-probs must be as close to peft's float32 forward as those of peft's own bf16 sampling are
+        def err(ro):
+            with torch.no_grad():
+                lp, _ = token_logprobs(model, ro.input_ids, ro.attention_mask, ro.completion_mask, start=5)
+            return float((ro.logprobs - lp).abs().max())
+
+        slow = generate(model, ids, mask, params, [49], 0, seeds=[1, 2, 3])
+        assert err(fast) <= 2 * err(slow) + 1e-3, (err(fast), err(slow))
+    with model.disable_adapter():  # and the adapter matters: without it the samples differ
+        base = generate(model, ids, mask, params, [49], 0, seeds=[1, 2, 3])
+    assert not torch.equal(base.completion_ids, fast.completion_ids)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
 @pytest.mark.parametrize("autocast", [False, True])

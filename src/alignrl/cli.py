@@ -1,4 +1,5 @@
-"""Command line: `alignrl init-model`, `alignrl train ALGO --config FILE [key=value ...]`, `alignrl demo`."""
+"""Command line: `alignrl init-model`, `alignrl train ALGO --config FILE [key=value ...]`, `alignrl eval`,
+`alignrl demo`."""
 
 from __future__ import annotations
 
@@ -78,6 +79,22 @@ def _main(argv: list[str] | None) -> int:
     p_train.add_argument("--config", help="YAML config file")
     p_train.add_argument("overrides", nargs="*", help="key=value overrides")
 
+    p_eval = sub.add_parser("eval", help="accuracy of a model on a prompt file with reward functions")
+    p_eval.add_argument("--model", required=True, help="HF model directory or .gguf file")
+    p_eval.add_argument("--data", required=True, help="JSONL file or datasets directory with a prompt column")
+    p_eval.add_argument("--reward-funcs", required=True, help="comma-separated: built-ins, module:function, file.py:fn")
+    p_eval.add_argument("--json", help="also write the results as JSON to this file")
+    p_eval.add_argument("--max-new-tokens", type=int, default=256)
+    p_eval.add_argument("--max-prompt-length", type=int, default=1024)
+    p_eval.add_argument("--batch-size", type=int, default=32)
+    p_eval.add_argument("--threshold", type=float, default=1.0, help="a prompt counts as solved at this reward")
+    p_eval.add_argument("--pass-k", type=int, default=0, help="also sample k completions per prompt: pass@k")
+    p_eval.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for pass@k")
+    p_eval.add_argument("--limit", type=int, default=0, help="evaluate the first N prompts only (0: all)")
+    p_eval.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p_eval.add_argument("--device", default="auto")
+    p_eval.add_argument("--seed", type=int, default=0)
+
     p_demo = sub.add_parser("demo", help="end-to-end demo on a synthetic arithmetic task (CPU, minutes)")
     p_demo.add_argument("--algo", default="grpo", help="RL stage after SFT (default: grpo)")
     p_demo.add_argument("--out", default="demo_out", help="working directory for models, data and runs")
@@ -123,6 +140,16 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "train":
         final = run_training(args.algo, args.config, args.overrides)
         print(f"final model: {final}")
+    elif args.command == "eval":
+        from alignrl.evaluation import evaluate_model, report
+
+        result = evaluate_model(
+            args.model, args.data, [f.strip() for f in args.reward_funcs.split(",") if f.strip()],
+            max_new_tokens=args.max_new_tokens, max_prompt_length=args.max_prompt_length, batch_size=args.batch_size,
+            threshold=args.threshold, pass_k=args.pass_k, temperature=args.temperature, limit=args.limit,
+            dtype=args.dtype, device=args.device, seed=args.seed,
+        )  # fmt: skip
+        print(report(result, args.json))
     elif args.command == "demo":
         from alignrl.demo import run_demo
 

@@ -21,7 +21,8 @@ _STATIC_ROPE = {"default", "linear", "llama3"}  # cos/sin depend on the position
 
 
 class FastDecoder:
-    """The decode step of a Llama/Qwen2/Mistral model whose projections are plain `nn.Linear` layers."""
+    """The decode step of a Llama/Qwen2/Mistral model whose projections are plain `nn.Linear` layers or LoRA
+    layers over them (adapters merged into the decoder's own weight copies)."""
 
     def __init__(self, lm: nn.Module, rows: int):
         cfg, body = lm.config, lm.model
@@ -41,16 +42,19 @@ class FastDecoder:
         self.layers = []
         for layer in body.layers:
             at, mlp = layer.self_attn, layer.mlp
-            qkv = [at.q_proj, at.k_proj, at.v_proj]
-            b_qkv = torch.cat([m.bias for m in qkv]) if at.q_proj.bias is not None else None
+            (wq, bq), (wk, bk), (wv, bv), (wo, bo), (wg, _), (wu, _), (wd, bd) = (
+                _weights(m)  # type: ignore[misc]
+                for m in (at.q_proj, at.k_proj, at.v_proj, at.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+            )
+            b_qkv = torch.cat([bq, bk, bv]) if bq is not None else None
             self.layers.append(
                 (
                     layer.input_layernorm.weight,
-                    packed_linear(torch.cat([m.weight for m in qkv]), b_qkv, dtype, rows),
-                    packed_linear(at.o_proj.weight, at.o_proj.bias, dtype, rows),
+                    packed_linear(torch.cat([wq, wk, wv]), b_qkv, dtype, rows),
+                    packed_linear(wo, bo, dtype, rows),
                     layer.post_attention_layernorm.weight,
-                    packed_linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), None, dtype, rows),
-                    packed_linear(mlp.down_proj.weight, mlp.down_proj.bias, dtype, rows),
+                    packed_linear(torch.cat([wg, wu]), None, dtype, rows),
+                    packed_linear(wd, bd, dtype, rows),
                 )
             )
 
@@ -60,6 +64,8 @@ class FastDecoder:
         else None. Call it under the autocast the steps will run under."""
         cfg = getattr(model, "config", None)
         if cfg is None or type(model).__name__ not in _ARCHITECTURES or not hasattr(model, "model"):
+            return None
+        if type(model.lm_head) is not nn.Linear or type(model.model.embed_tokens) is not nn.Embedding:
             return None
         body = model.model
         rope = getattr(body.rotary_emb, "rope_type", "default")
@@ -75,8 +81,8 @@ class FastDecoder:
         for layer in body.layers:
             at, mlp = layer.self_attn, layer.mlp
             projs = [at.q_proj, at.k_proj, at.v_proj, at.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-            # LoRA / quantised / sharded (DTensor) projections compute something else: use the model's forward
-            if any(type(p) is not nn.Linear or type(p.weight) is not nn.Parameter for p in projs):
+            # quantised / sharded (DTensor) projections and LoRA variants (DoRA, ...) compute something else
+            if any(_weights(p) is None for p in projs):
                 return None
             if type(mlp.act_fn).__name__ not in ("SiLU", "SiLUActivation"):
                 return None
@@ -126,6 +132,27 @@ class FastDecoder:
             gate, up = gate_up(x).chunk(2, dim=-1)
             h = h + down(F.silu(gate) * up)
         return self.head(_rms_norm(h, self.norm, self.eps))
+
+
+def _weights(proj: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(W, b) that `proj` computes x·Wᵀ + b with: a plain nn.Linear's own, or for a peft LoRA layer its base
+    weight plus each active adapter's scaling·B·A, merged once per rollout, so sampling with an adapter steps
+    plain matmuls instead of peft's wrappers at every token. None for anything else (quantised, sharded, DoRA
+    and other LoRA variants)."""
+    if type(proj) is nn.Linear:
+        return (proj.weight, proj.bias) if type(proj.weight) is nn.Parameter else None
+    base = getattr(proj, "base_layer", None)
+    if base is None or type(base) is not nn.Linear or type(base.weight) is not nn.Parameter:
+        return None
+    if not callable(getattr(proj, "get_delta_weight", None)) or getattr(proj, "lora_variant", None):
+        return None
+    if proj.disable_adapters or proj.merged:  # the base layer alone computes the output (merged: with adapters)
+        return base.weight, base.bias
+    weight = base.weight
+    for name in proj.active_adapters:
+        if name in proj.lora_A:
+            weight = weight + proj.get_delta_weight(name).to(weight.dtype)
+    return weight, base.bias
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -104,6 +104,7 @@ class Run:
             if not (callable(getattr(c, "state_dict", None)) and callable(getattr(c, "load_state_dict", None))):
                 raise TypeError(f"checkpoint component {name!r} has no state_dict/load_state_dict")
         self.model, self.tokenizer, self.components = model, tokenizer, components
+        self.metrics.start_bar()
         if self.resume_from is None:
             return 1
         modules = {n: c for n, c in components.items() if isinstance(c, nn.Module)}
@@ -441,6 +442,8 @@ class MetricsLogger:
         self.samples_path = out / "samples.jsonl"
         self.enabled = enabled  # False on ranks other than 0: they take part in reductions, write nothing
         self.bar = None
+        # the bar appears once set-up is done (Run.register), so that set-up errors print as one clean line
+        self._bar_args = {"total": total, "initial": keep_until or 0} if progress and enabled else None
         if not enabled:
             return
         for path in (self.path, self.samples_path):
@@ -453,8 +456,6 @@ class MetricsLogger:
                     if json.loads(line)["step"] <= keep_until:
                         kept.append(line + "\n")
             path.write_text("".join(kept))  # a torn last line (killed mid-write) is dropped too
-        # the bar appears with the first logged step, so that set-up errors print as one clean line
-        self._bar_args = {"total": total, "initial": keep_until or 0} if progress else None
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Every rank calls this with the same keys: values are averaged over ranks (times: maximum); trainers
@@ -465,14 +466,18 @@ class MetricsLogger:
         row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.bar is None and self._bar_args is not None:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(desc="train", dynamic_ncols=True, leave=False, **self._bar_args)
+        self.start_bar()
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             shown = {k: f"{v:.3g}" for k, v in row.items() if k in ("loss", "reward", "eval_loss", "kl")}
             self.bar.set_postfix(shown)
+
+    def start_bar(self) -> None:
+        """Show the progress bar (Run.register calls this once set-up is done; no-op if shown or disabled)."""
+        if self.bar is None and self._bar_args is not None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(desc="train", dynamic_ncols=True, leave=False, **self._bar_args)
 
     def samples(self, step: int, rows: list[dict[str, Any]]) -> None:
         if not self.enabled:
