@@ -286,8 +286,9 @@ def test_fast_decode_with_lora_equals_the_peft_forward(monkeypatch, arch, autoca
     """Sampling with a LoRA adapter (every projection, nonzero B, two adapters' worth of scaling) steps the fused
     decoder on weights with the adapter merged once per rollout: the same tokens and log-probs as peft's own
     forward, and the peft model's weights are left as they were."""
-    import alignrl.decode as d
     from peft import LoraConfig, get_peft_model
+
+    import alignrl.decode as d
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = get_peft_model(_tiny(arch), LoraConfig(r=4, lora_alpha=8, target_modules=targets))

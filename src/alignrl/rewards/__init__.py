@@ -1,16 +1,21 @@
-"""Reward functions with TRL's signature `f(prompts, completions, completion_ids, **columns) -> list[float|None]`,
-loaded by name (`gsm8k`), `package.module:function` or `path/to/file.py:function`, and combined by weight."""
+"""Reward functions, called as TRL calls them (`f(prompts=, completions=, completion_ids=, trainer_state=,
+log_metric=, log_extra=, **columns) -> list[float|None]`, sync or async), loaded by name (`gsm8k`),
+`package.module:function` or `path/to/file.py:function`, and combined by weight."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
 import inspect
 import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from math import nan  # not `import math`: the submodule alignrl.rewards.math would shadow it
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -28,8 +33,23 @@ BUILTIN_REWARDS = {
 }
 
 
-def load_reward_function(spec: str) -> tuple[str, RewardFn]:
-    """Resolve a reward spec to (name, callable); a model directory (with config.json) is a reward model."""
+def _run_reward_file(path: Path, shown: str) -> ModuleType:
+    """Run a reward file as a module of its own (not in sys.modules); any error is one line naming it."""
+    mod_spec = importlib.util.spec_from_file_location(f"alignrl_user_reward_{path.stem}", path)
+    assert mod_spec and mod_spec.loader
+    module = importlib.util.module_from_spec(mod_spec)
+    try:
+        mod_spec.loader.exec_module(module)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # noqa: BLE001 - user code, SystemExit included
+        raise AlignRLError(f"reward_funcs: importing {shown} failed: {type(e).__name__}: {e}") from None
+    return module
+
+
+def load_reward_function(spec: str, files: dict[Path, ModuleType] | None = None) -> tuple[str, RewardFn]:
+    """Resolve a reward spec to (name, callable); a model directory (with config.json) is a reward model. `files`
+    keeps the reward files already run, so that functions from one file share its module (as imported ones do)."""
     if (Path(spec) / "config.json").is_file():
         from alignrl.rewards.reward_model import RewardModelScorer
 
@@ -45,17 +65,9 @@ def load_reward_function(spec: str) -> tuple[str, RewardFn]:
         path = Path(module_part)
         if not path.is_file():
             raise AlignRLError(f"reward_funcs: {spec!r}: file {module_part} not found")
-        mod_spec = importlib.util.spec_from_file_location(f"alignrl_user_reward_{path.stem}", path)
-        assert mod_spec and mod_spec.loader
-        module = importlib.util.module_from_spec(mod_spec)
-        try:
-            mod_spec.loader.exec_module(module)
-        except KeyboardInterrupt:
-            raise
-        except BaseException as e:  # noqa: BLE001 - user code, SystemExit included
-            raise AlignRLError(
-                f"reward_funcs: importing {module_part} failed: {type(e).__name__}: {e}"
-            ) from None
+        files = {} if files is None else files
+        key = path.resolve()
+        module = files[key] = files.get(key) or _run_reward_file(path, module_part)
     else:
         try:
             module = importlib.import_module(module_part)
@@ -71,16 +83,54 @@ def load_reward_function(spec: str) -> tuple[str, RewardFn]:
     return (spec if spec in BUILTIN_REWARDS else fn_name), fn
 
 
+# What every call passes besides the dataset columns, as TRL's GRPOTrainer does.
+CALL_KEYWORDS = ("prompts", "completions", "completion_ids", "trainer_state", "log_metric", "log_extra")
+# Dataset columns TRL does not pass on (the prompt arrives as `prompts`).
+UNPASSED_COLUMNS = ("prompt", "completion", "completion_ids")
+
+
+def _parameters(fn: RewardFn) -> list[inspect.Parameter] | None:
+    """fn's parameters, or None when Python cannot tell (some builtins): then nothing is checked up front."""
+    try:
+        return list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return None
+
+
 def required_columns(fn: RewardFn) -> list[str]:
-    """Keyword parameters without defaults beyond (prompts, completions, completion_ids)."""
-    params = list(inspect.signature(fn).parameters.values())
-    out = []
-    for i, p in enumerate(params):
-        if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or p.default is not p.empty:
-            continue
-        if p.kind == p.KEYWORD_ONLY or (p.kind == p.POSITIONAL_OR_KEYWORD and i >= 3):
-            out.append(p.name)
-    return out
+    """Parameters without defaults that a call fills only from dataset columns (not one of CALL_KEYWORDS)."""
+    return [
+        p.name
+        for p in _parameters(fn) or []
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty and p.name not in CALL_KEYWORDS
+    ]
+
+
+def passed_columns(columns: Iterable[str]) -> list[str]:
+    """The dataset columns a reward call passes as keywords."""
+    return [c for c in columns if c not in UNPASSED_COLUMNS and c not in CALL_KEYWORDS]
+
+
+def signature_problem(fn: RewardFn, columns: set[str], data_name: str) -> str | None:
+    """Why calling fn with CALL_KEYWORDS and the passed columns would fail, found before the run starts."""
+    params = _parameters(fn)
+    if params is None:
+        return None
+    for p in params:
+        if p.kind == p.POSITIONAL_ONLY and p.default is p.empty:
+            return f"takes {p.name!r} positionally only; reward functions get keyword arguments, as in TRL"
+    passed = [*CALL_KEYWORDS, *passed_columns(columns)]
+    for name in required_columns(fn):
+        if name in UNPASSED_COLUMNS:
+            return f"needs parameter {name!r}, which is not passed (as in TRL: the prompt arrives as `prompts`)"
+        if name not in passed:
+            return f"needs column {name!r}, which {data_name} does not have"
+    if not any(p.kind == p.VAR_KEYWORD for p in params):
+        accepted = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        extra = [k for k in passed if k not in accepted]
+        if extra:
+            return f"does not accept keyword {extra[0]!r}, which every call passes (as in TRL): add **kwargs"
+    return None
 
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
@@ -148,8 +198,68 @@ def check_sampling_options(cfg: Any) -> None:
         raise AlignRLError(f"reward_timeout: must be ≥ 0 seconds (0 = no limit), got {cfg.reward_timeout}")
 
 
+@dataclass(frozen=True)
+class TrainerStateView:
+    """What reward functions read as `trainer_state` (under TRL, transformers' TrainerState), e.g. for rewards
+    shaped by training progress. Frozen: the trainer sets a new one each step (RewardFunctions.set_step)."""
+
+    global_step: int = 0
+    max_steps: int = 0
+    epoch: float | None = None
+
+
+def _call_error(name: str, e: BaseException, timeout: float) -> BaseException:
+    """The one-line error for reward function `name` having raised e (an AlignRLError or real interrupt as is)."""
+    if isinstance(e, (AlignRLError, _RealInterrupt)):
+        return e
+    if isinstance(e, (TimeoutError, RewardTimeout)):
+        return AlignRLError(
+            f"reward function {name} did not return within {timeout:g} s (reward_timeout); raise reward_timeout "
+            "if it is only slow"
+        )
+    if isinstance(e, KeyError):
+        return AlignRLError(f"reward function {name} raised KeyError {e} (a missing dataset column?)")
+    return AlignRLError(f"reward function {name} raised {type(e).__name__}: {e}")
+
+
+def _await_all(awaitables: Sequence[Awaitable[Any]], timeout: float) -> list[tuple[bool, Any]]:
+    """Await the async reward calls concurrently in a fresh event loop, as TRL does with asyncio.gather. Each result
+    is (True, value) or (False, what it raised); one still running after `timeout` seconds (0: no limit) raised
+    TimeoutError. On the main thread the watchdog also stops a call that blocks the loop."""
+    results: list[tuple[bool, Any]] = [(False, TimeoutError())] * len(awaitables)
+
+    async def settle(k: int, awaitable: Awaitable[Any]) -> None:
+        try:
+            results[k] = (True, await awaitable)
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            raise
+        except BaseException as e:  # noqa: BLE001 - user code (SystemExit too): the caller reports it in one line
+            results[k] = (False, e)
+
+    async def run_all() -> None:
+        tasks = [asyncio.ensure_future(settle(k, a)) for k, a in enumerate(awaitables)]
+        _, late = await asyncio.wait(tasks, timeout=timeout or None)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # the usual case: no loop runs in this thread
+        try:
+            call_with_timeout(asyncio.run, timeout, run_all())
+        except TimeoutError:
+            pass  # the watchdog stopped the loop: the calls that had not finished keep their TimeoutError
+        return results
+    with ThreadPoolExecutor(1) as pool:  # called from a running loop (a notebook): asyncio.run needs another thread
+        pool.submit(asyncio.run, run_all()).result()
+    return results
+
+
 class RewardFunctions:
-    """Several reward functions scored together: [N, F] raw rewards (NaN for None) and their weighted sum."""
+    """Several reward functions scored together: [N, F] raw rewards (NaN for None) and their weighted sum. Each is
+    called as TRL's GRPOTrainer calls it, so a function written for TRL runs unchanged: keyword arguments only
+    (CALL_KEYWORDS and every dataset column but the prompt), `async def` ones awaited concurrently."""
 
     def __init__(
         self,
@@ -166,17 +276,19 @@ class RewardFunctions:
         if weights and len(weights) != len(specs):
             raise AlignRLError(f"reward_weights: {len(weights)} weights for {len(specs)} reward functions")
         self.fns: list[tuple[str, RewardFn]] = []
+        files: dict[Path, ModuleType] = {}
         for spec in specs:
-            name, fn = load_reward_function(spec)
-            missing = [c for c in required_columns(fn) if c not in columns]
-            if missing:
-                raise AlignRLError(
-                    f"reward function {name} needs column {missing[0]!r}, which {data_name} does not have"
-                )
+            name, fn = load_reward_function(spec, files)
+            problem = signature_problem(fn, columns, data_name)
+            if problem:
+                raise AlignRLError(f"reward function {name} {problem}")
             self.fns.append((name, fn))
         self.weights = torch.tensor(list(weights) if weights else [1.0] * len(specs), dtype=torch.float32)
         self.configured = len(self.fns)  # functions added later (a length penalty) are not a reward signal
         self.unrewarded = [0, 0]  # samples scored since take_unrewarded() without a number from any of them, all
+        self.state = TrainerStateView()
+        self._metrics: dict[str, list[float]] = {}  # log_metric values since take_logged()
+        self._extra: dict[str, list[Any]] = {}  # log_extra columns since take_logged()
 
     @property
     def names(self) -> list[str]:
@@ -187,6 +299,17 @@ class RewardFunctions:
         self.fns.append((name, fn))
         self.weights = torch.cat([self.weights, torch.tensor([weight])])
 
+    def set_step(self, global_step: int, max_steps: int, epoch: float | None = None) -> None:
+        """The training step reward functions see as `trainer_state`."""
+        self.state = TrainerStateView(global_step, max_steps, epoch)
+
+    def start_step(self, global_step: int, max_steps: int) -> None:
+        """At the start of a training step: set `trainer_state` and forget what earlier calls (an evaluation)
+        counted and logged, so that the step's unrewarded count and logged metrics are its own."""
+        self.set_step(global_step, max_steps)
+        self.take_unrewarded()
+        self.take_logged()
+
     def score(
         self,
         prompts: list[Any],
@@ -194,45 +317,86 @@ class RewardFunctions:
         completion_ids: list[list[int]],
         columns: dict[str, list],
     ) -> torch.Tensor:
-        """Raw rewards [N, F]; None becomes NaN (that function does not apply to that sample)."""
+        """Raw rewards [N, F]; None becomes NaN (that function does not apply to that sample). Synchronous
+        functions run in order, then the async ones together."""
         n = len(completions)
         out = torch.full((n, len(self.fns)), nan)
-        for j, (name, fn) in enumerate(self.fns):
-            try:
-                values = call_with_timeout(fn, self.timeout, prompts, completions, completion_ids, **columns)
-            except (AlignRLError, _RealInterrupt):
-                raise
-            except KeyError as e:
-                raise AlignRLError(
-                    f"reward function {name} raised KeyError {e} (a missing dataset column?)"
-                ) from None
-            except TimeoutError:
-                raise AlignRLError(
-                    f"reward function {name} did not return within {self.timeout:g} s (reward_timeout); raise "
-                    "reward_timeout if it is only slow"
-                ) from None
-            except BaseException as e:  # noqa: BLE001 - user code (SystemExit too): report it in one line
-                raise AlignRLError(f"reward function {name} raised {type(e).__name__}: {e}") from None
-            if not isinstance(values, (list, tuple)) or len(values) != n:
-                got = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
-                raise AlignRLError(f"reward function {name} returned {got} values for {n} completions")
-            for i, v in enumerate(values):
-                if v is None:
-                    continue
-                if isinstance(v, bool) or not isinstance(v, (int, float)):
-                    raise AlignRLError(
-                        f"reward function {name} returned {v!r} (not a number or None) at index {i}"
-                    )
-                if abs(v) == float("inf"):  # NaN is kept: it means "does not apply", like None
-                    raise AlignRLError(f"reward function {name} returned {v} at index {i} (not finite)")
-                if abs(v) > _FLOAT32_MAX:
-                    raise AlignRLError(
-                        f"reward function {name} returned {v!r} at index {i}: beyond the float32 range (±3.4e38)"
-                    )
-                out[i, j] = float(v)
+        passed = {k: columns[k] for k in passed_columns(columns)}
+        calls = dict(prompts=prompts, completions=completions, completion_ids=completion_ids, trainer_state=self.state)
+        pending: list[tuple[int, str, Awaitable[Any]]] = []
+        try:
+            for j, (name, fn) in enumerate(self.fns):
+                logs = {"log_metric": self._metric_logger(name), "log_extra": self._extra_logger(name)}
+                try:
+                    values = call_with_timeout(fn, self.timeout, **passed, **calls, **logs)
+                except BaseException as e:  # noqa: BLE001 - user code (SystemExit too): report it in one line
+                    raise _call_error(name, e, self.timeout) from None
+                if inspect.isawaitable(values):
+                    pending.append((j, name, values))
+                else:
+                    self._store(out, j, name, values)
+            results = _await_all([a for _, _, a in pending], self.timeout) if pending else []
+        finally:
+            for _, _, awaitable in pending:  # no "never awaited" warnings when a synchronous function failed
+                getattr(awaitable, "close", lambda: None)()
+        for (j, name, _), (ok, values) in zip(pending, results):
+            if not ok:
+                raise _call_error(name, values, self.timeout) from None
+            self._store(out, j, name, values)
         self.unrewarded[0] += int(out[:, : self.configured].isnan().all(dim=1).sum())
         self.unrewarded[1] += n
         return out
+
+    def _store(self, out: torch.Tensor, j: int, name: str, values: Any) -> None:
+        """Check what function j returned (one number or None per completion, finite, within float32), then put
+        it in column j of `out`."""
+        n = out.shape[0]
+        if not isinstance(values, (list, tuple)) or len(values) != n:
+            got = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
+            raise AlignRLError(f"reward function {name} returned {got} values for {n} completions")
+        for i, v in enumerate(values):
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise AlignRLError(f"reward function {name} returned {v!r} (not a number or None) at index {i}")
+            if abs(v) == float("inf"):  # NaN is kept: it means "does not apply", like None
+                raise AlignRLError(f"reward function {name} returned {v} at index {i} (not finite)")
+            if abs(v) > _FLOAT32_MAX:
+                raise AlignRLError(
+                    f"reward function {name} returned {v!r} at index {i}: beyond the float32 range (±3.4e38)"
+                )
+            out[i, j] = float(v)
+
+    def _metric_logger(self, name: str) -> Callable[[str, float], None]:
+        """`log_metric(key, value)` for function `name`: a scalar averaged into the step's metrics, as in TRL."""
+
+        def log_metric(key: str, value: float) -> None:
+            try:
+                number = float(value)
+            except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several elements
+                raise AlignRLError(f"reward function {name}: log_metric({key!r}, {value!r}): not a number") from None
+            self._metrics.setdefault(str(key), []).append(number)
+
+        return log_metric
+
+    def _extra_logger(self, name: str) -> Callable[[str, list], None]:
+        """`log_extra(column, values)` for function `name`: per-completion values for the logged samples."""
+
+        def log_extra(column: str, values: list) -> None:
+            if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+                raise AlignRLError(
+                    f"reward function {name}: log_extra({column!r}, {values!r}): needs a list, one value per completion"
+                )
+            self._extra.setdefault(str(column), []).extend(values)
+
+        return log_extra
+
+    def take_logged(self) -> tuple[dict[str, float], dict[str, list[Any]]]:
+        """(mean of each `log_metric` name, `log_extra` columns) since the last call: the trainer adds them to the
+        step's metrics and logged samples."""
+        metrics = {k: sum(v) / len(v) for k, v in self._metrics.items()}
+        extra, self._metrics, self._extra = self._extra, {}, {}
+        return metrics, extra
 
     def take_unrewarded(self) -> tuple[int, int]:
         """(samples no configured function gave a number, samples scored) since the last call."""

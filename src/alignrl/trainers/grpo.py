@@ -81,6 +81,7 @@ class GRPOConfig(TrainConfig):
 def build_rewards(cfg: GRPOConfig, columns: set[str], data_name: str) -> RewardFunctions:
     """The configured reward functions plus, if asked, DAPO's soft overlong penalty (weight 1)."""
     fns = RewardFunctions(cfg.reward_funcs, cfg.reward_weights, columns, data_name, timeout=cfg.reward_timeout)
+    fns.set_step(0, cfg.max_steps)
     if cfg.overlong_cache > 0:
         from alignrl.rewards.math import overlong_penalty_factory
 
@@ -214,7 +215,7 @@ def train(cfg: GRPOConfig) -> Path:
     for step in range(first, cfg.max_steps + 1):
         timer = loop.Timer()
         loop.release_freed_memory()  # the last update's activations and gradients, before the KV cache
-        fns.take_unrewarded()  # count this step's samples only (not an evaluation's)
+        fns.start_step(step, cfg.max_steps)  # trainer_state for reward functions; counts and logs of this step only
         with timer("generation"):
             scored, ds_metrics = rollout_batch(policy, tok, data, stream, cfg, fns, run.device)
         loop.check_reward_signal(run, fns)
@@ -308,6 +309,7 @@ def train(cfg: GRPOConfig) -> Path:
         stats = {k: [dist.all_reduce(s), dist.all_reduce(w)] for k, (s, w) in stats.items()}
         metrics = _step_metrics(scored, fns, adv_all, stats, dist.all_reduce(loss_total), upd, timer, G)
         metrics.update(ds_metrics)
+        extra = loop.add_reward_logs(metrics, fns)
         if eval_rows and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps):
             metrics["eval_reward"] = _eval(policy, tok, eval_rows, fns, cfg, run.device)
         if step % cfg.logging_steps == 0 or "eval_reward" in metrics:
@@ -319,6 +321,7 @@ def train(cfg: GRPOConfig) -> Path:
                         "prompt": scored.prompts[i],
                         "completion": scored.completions[i],
                         "reward": float(scored.rewards[i]),
+                        **{c: v[i] for c, v in extra.items() if len(v) == len(scored.completions)},
                     }
                     for i in range(min(cfg.log_completions, len(scored.completions)))
                 ],

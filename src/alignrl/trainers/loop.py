@@ -431,6 +431,21 @@ def check_reward_signal(run: Run, fns: RewardFunctions) -> None:
         )
 
 
+def add_reward_logs(metrics: dict[str, Any], fns: RewardFunctions) -> dict[str, list[Any]]:
+    """Merge what reward functions logged this step (TRL's `log_metric`: the mean per name) into `metrics`, where
+    the trainer's own names win, and return their `log_extra` columns. Under torchrun only names every rank
+    logged are kept (the metrics are averaged over ranks, a collective all ranks must join with the same keys)."""
+    logged, extra = fns.take_logged()
+    names = [k for k in sorted(logged) if k not in metrics]
+    if dist.is_dist():
+        counts: dict[str, int] = {}
+        for k in dist.all_gather_objects(names):
+            counts[k] = counts.get(k, 0) + 1
+        names = [k for k in names if counts[k] == dist.world_size()]
+    metrics.update({k: logged[k] for k in names})
+    return extra
+
+
 class MetricsLogger:
     """One JSON line of metrics per step in OUTPUT_DIR/metrics.jsonl, plus an optional progress bar."""
 

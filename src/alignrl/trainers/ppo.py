@@ -293,6 +293,7 @@ def train(cfg: PPOConfig) -> Path:
     fns = RewardFunctions(
         cfg.reward_funcs, cfg.reward_weights, set(data.rows[0]), cfg.train_file, timeout=cfg.reward_timeout
     )
+    fns.set_step(0, cfg.max_steps)
     eval_rows = load_rows(cfg.eval_file).rows if cfg.eval_file else None
     ref = None
     if not is_peft(model):
@@ -318,7 +319,7 @@ def train(cfg: PPOConfig) -> Path:
         a, b = dist.shard_bounds(len(idx))  # this rank's prompts; sampling keyed by the index in the global batch
         base = (cfg.seed * 1_000_003 + getattr(stream, "consumed", step)) * 1_000_003
         loop.release_freed_memory()  # the last update's activations and gradients, before the KV cache
-        fns.take_unrewarded()  # count this step's samples only (not an evaluation's)
+        fns.start_step(step, cfg.max_steps)  # trainer_state for reward functions; counts and logs of this step only
         with timer("generation"), dist.full_params(policy) as lm:
             scored = sample_and_score(
                 lm, tok, [data.rows[i] for i in idx[a:b]], [data.where(i) for i in idx[a:b]], fns, sampling,
@@ -375,13 +376,15 @@ def train(cfg: PPOConfig) -> Path:
             "step_time": sum(timer.t.values()),
             **{f"time/{k}": v for k, v in timer.t.items()},
         }
+        extra = loop.add_reward_logs(metrics, fns)
         if eval_rows and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps):
             metrics["eval_reward"] = _eval(policy, tok, eval_rows, fns, cfg, run.device)
         if step % cfg.logging_steps == 0 or "eval_reward" in metrics:
             run.metrics.log(step, metrics)
             n = min(cfg.log_completions, len(scored.completions))
             run.metrics.samples(step, [
-                {"prompt": scored.prompts[i], "completion": scored.completions[i], "score": float(scores[i])}
+                {"prompt": scored.prompts[i], "completion": scored.completions[i], "score": float(scores[i]),
+                 **{c: v[i] for c, v in extra.items() if len(v) == len(scored.completions)}}
                 for i in range(n)
             ])  # fmt: skip
         run.end_step(step)
