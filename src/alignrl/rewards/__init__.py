@@ -50,7 +50,9 @@ def _run_reward_file(path: Path, shown: str) -> ModuleType:
 def load_reward_function(spec: str, files: dict[Path, ModuleType] | None = None) -> tuple[str, RewardFn]:
     """Resolve a reward spec to (name, callable); a model directory (with config.json) is a reward model. `files`
     keeps the reward files already run, so that functions from one file share its module (as imported ones do)."""
-    if (Path(spec) / "config.json").is_file():
+    from alignrl.models import is_gguf
+
+    if is_gguf(spec) or (Path(spec) / "config.json").is_file():
         from alignrl.rewards.reward_model import RewardModelScorer
 
         return RewardModelScorer.name_for(spec), RewardModelScorer(spec)

@@ -16,7 +16,15 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel, Pr
 from alignrl.data import encode_completion
 from alignrl.errors import AlignRLError
 from alignrl.logprobs import position_ids_from_mask
-from alignrl.models import DTYPES, check_model_dir, load_tokenizer, model_load_errors, resolve_device, unwrap
+from alignrl.models import (
+    DTYPES,
+    check_model_dir,
+    load_tokenizer,
+    model_load_errors,
+    resolve_device,
+    resolve_model_path,
+    unwrap,
+)
 
 
 def load_reward_model(
@@ -31,6 +39,7 @@ def load_reward_model(
     """A local model as a 1-label sequence classifier. From a causal LM directory the trunk is loaded and the
     `score` head is freshly initialised (for training); with `trained_head` (scoring) that is an error, since an
     untrained head gives random rewards."""
+    path = resolve_model_path(path, option)
     check_model_dir(path, option)
     with model_load_errors(path, option):
         try:
