@@ -404,3 +404,15 @@ def test_ppo_one_lora_step(smollm2, real, base_outputs, rm_run, work, monkeypatc
         "num_ppo_epochs=1", "micro_batch_size=2", "save_value_model=false",
     )  # fmt: skip
     _check_final(final, seen, real[0], base_outputs)
+
+
+def test_smollm2_demo_quick(smollm2, tmp_path, capsys):
+    """`alignrl demo --model smollm2 --quick`: the real-model demo's whole path (eval, GRPO with LoRA, eval) in a
+    few steps; the full run's figures are in the README."""
+    from alignrl.cli import main
+
+    assert main(["demo", "--model", "smollm2", "--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "SmolLM2-135M-Instruct" in out and "+ GRPO with LoRA" in out and "points" in out
+    assert (tmp_path / "smollm2" / "grpo" / "final" / "model.safetensors").is_file()
+    assert main(["demo", "--model", "smollm2", "--algo", "dpo", "--out", str(tmp_path)]) == 2

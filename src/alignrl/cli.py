@@ -100,6 +100,7 @@ def _main(argv: list[str] | None) -> int:
     p_demo.add_argument("--out", default="demo_out", help="working directory for models, data and runs")
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
+    p_demo.add_argument("--model", default="tiny", help="tiny (built from scratch, default) or smollm2 (real model)")
 
     # key=value overrides may come before or after --config: collect the ones argparse left over
     args, extra = parser.parse_known_args(argv)
@@ -153,7 +154,7 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "demo":
         from alignrl.demo import run_demo
 
-        run_demo(args.algo, args.out, seed=args.seed, quick=args.quick)
+        run_demo(args.algo, args.out, seed=args.seed, quick=args.quick, model=args.model)
 
 
 if __name__ == "__main__":

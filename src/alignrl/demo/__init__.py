@@ -78,22 +78,35 @@ class DemoContext:
         return evaluate(model, tok, rows, fns, max_new_tokens=24, batch_size=250)
 
 
-def run_demo(algo: str, out: str, seed: int = 0, quick: bool = False) -> list[tuple[str, str]]:
-    """Run SFT then the chosen algorithm's stage, print a before/after table, return its rows."""
+def run_demo(
+    algo: str, out: str, seed: int = 0, quick: bool = False, model: str = "tiny"
+) -> list[tuple[str, str]]:
+    """Run SFT then the chosen algorithm's stage (or, with model=smollm2, GRPO on the real model), print a
+    before/after table, return its rows."""
     if algo not in ALGOS:
         raise AlignRLError(f"--algo: {algo!r} is not a demo (choose from {', '.join(ALGOS)})")
-    try:
-        stage = importlib.import_module(f"alignrl.demo.{algo}")
-    except ModuleNotFoundError:
-        raise AlignRLError(f"--algo: the {algo} demo is not available in this version") from None
-    root = Path(out)
-    ctx = DemoContext(root=root, seed=seed, quick=quick, task=make_task(seed))
-    write_jsonl(ctx.data("sft"), ctx.task.sft)
-    write_jsonl(ctx.data("rl"), ctx.task.rl)
-    write_jsonl(ctx.data("test"), ctx.task.test)
-    load_rows(ctx.data("test"))  # the same loader users' data goes through
-    rows = stage.run(ctx)
-    wall = time.perf_counter() - ctx.t0
+    if model not in ("tiny", "smollm2"):
+        raise AlignRLError(f"--model: {model!r} is not a demo model (choose from tiny, smollm2)")
+    t0 = time.perf_counter()
+    if model == "smollm2":
+        if algo != "grpo":
+            raise AlignRLError("--model smollm2 runs the GRPO demo (leave out --algo)")
+        from alignrl.demo import smollm2
+
+        rows = smollm2.run(out, seed=seed, quick=quick)
+    else:
+        try:
+            stage = importlib.import_module(f"alignrl.demo.{algo}")
+        except ModuleNotFoundError:
+            raise AlignRLError(f"--algo: the {algo} demo is not available in this version") from None
+        root = Path(out)
+        ctx = DemoContext(root=root, seed=seed, quick=quick, task=make_task(seed), t0=t0)
+        write_jsonl(ctx.data("sft"), ctx.task.sft)
+        write_jsonl(ctx.data("rl"), ctx.task.rl)
+        write_jsonl(ctx.data("test"), ctx.task.test)
+        load_rows(ctx.data("test"))  # the same loader users' data goes through
+        rows = stage.run(ctx)
+    wall = time.perf_counter() - t0
     width = max(len(r[0]) for r in rows) + 2
     print()
     for name, value in rows:
