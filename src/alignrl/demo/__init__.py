@@ -65,17 +65,11 @@ class DemoContext:
         marker.write_text(json.dumps(key))
         return out
 
-    def accuracy(self, model_dir: str, rows: list[dict] | None = None) -> float:
-        """Greedy exact-match accuracy of the final answer on the held-out test set."""
-        from alignrl.models import load_causal_lm, load_tokenizer
-        from alignrl.rewards import RewardFunctions
-        from alignrl.rollout import evaluate
+    def accuracy(self, model_dir: str) -> float:
+        """Greedy exact-match accuracy of the final answer on the held-out test set (`alignrl eval`)."""
+        from alignrl.evaluation import evaluate_model
 
-        rows = rows if rows is not None else self.task.test
-        tok = load_tokenizer(model_dir)
-        model = load_causal_lm(model_dir)
-        fns = RewardFunctions(["gsm8k"], None, set(rows[0]), "demo test set")
-        return evaluate(model, tok, rows, fns, max_new_tokens=24, batch_size=250)
+        return evaluate_model(model_dir, self.data("test"), ["gsm8k"], max_new_tokens=24, batch_size=250).accuracy
 
 
 def run_demo(

@@ -17,14 +17,10 @@ PPO_STEPS = 20
 
 
 def rm_score(ctx: DemoContext, model_dir: str, rm_dir: str) -> float:
-    """Mean reward-model score of the model's greedy completions on the held-out prompts."""
-    from alignrl.models import load_causal_lm, load_tokenizer
-    from alignrl.rewards import RewardFunctions
-    from alignrl.rollout import evaluate
+    """Mean reward-model score of the model's greedy completions on the held-out prompts (`alignrl eval`)."""
+    from alignrl.evaluation import evaluate_model
 
-    rows = ctx.task.test
-    fns = RewardFunctions([rm_dir], None, set(rows[0]), "demo test set")
-    return evaluate(load_causal_lm(model_dir), load_tokenizer(model_dir), rows, fns, max_new_tokens=24, batch_size=250)
+    return evaluate_model(model_dir, ctx.data("test"), [rm_dir], max_new_tokens=24, batch_size=250).mean_reward
 
 
 def run(ctx: DemoContext) -> list[tuple[str, str]]:
