@@ -27,6 +27,8 @@ def eval_data(tmp_path):
     (tmp_path / "r.py").write_text(
         "def first_digit_is_1(prompts, completions, completion_ids, **kw):\n"
         "    return [float(c[:1] == '1') for c in completions]\n"
+        "def even_first(prompts, completions, completion_ids, **kw):\n"
+        "    return [float(len(c) > 0 and ord(c[0]) % 2 == 0) for c in completions]\n"
         "def always(prompts, completions, completion_ids, **kw):\n"
         "    return [1.0] * len(completions)\n"
     )
@@ -50,6 +52,17 @@ def test_greedy_accuracy_matches_the_rollout_path_and_json(tiny_model, eval_data
     assert res["prompts"] == 12 and res["mean_reward"] == pytest.approx(want) and res["accuracy"] == res["mean_reward"]
     assert res["pass_k"] == 3 and 0.0 <= res["pass_at_k"] <= 1.0
     assert f"{res['accuracy']:.1%}" in table and "pass@3 (temperature 1)" in table
+
+
+def test_results_do_not_depend_on_the_batch_size(tiny_model, eval_data):
+    """Each sample's noise is keyed by (seed, prompt, sample), so batching changes nothing; pass@1 is the sampled
+    accuracy."""
+    spec = [f"{eval_data / 'r.py'}:even_first"]
+    a = evaluate_model(tiny_model, str(eval_data / "d.jsonl"), spec, max_new_tokens=3, pass_k=3, batch_size=3)
+    b = evaluate_model(tiny_model, str(eval_data / "d.jsonl"), spec, max_new_tokens=3, pass_k=3, batch_size=64)
+    assert a == b and 0 < a.pass_at_k < 1  # some but not all prompts have a sample that starts with an even code
+    one = evaluate_model(tiny_model, str(eval_data / "d.jsonl"), spec, max_new_tokens=3, pass_k=1)
+    assert one.pass_k == 1 and one.pass_at_k is not None
 
 
 def test_pass_at_k_bounds_with_constant_rewards(tiny_model, eval_data):

@@ -182,11 +182,17 @@ def _hf_greedy(model, tok, ids, mask) -> torch.Tensor:
 
 
 def _check_greedy(model, tok, ids, mask, fast: bool, monkeypatch, expected: torch.Tensor | None = None) -> None:
+    import alignrl.decode as d
+
     expected = _hf_greedy(model, tok, ids, mask) if expected is None else expected
+    built = []
+    real_build = d.FastDecoder.build
+    monkeypatch.setattr(d.FastDecoder, "build", staticmethod(lambda *a: built.append(real_build(*a)) or built[-1]))
     if not fast:
-        monkeypatch.setattr("alignrl.generation.FastDecoder.build", lambda *a, **k: None)
+        monkeypatch.setattr(d.FastDecoder, "build", staticmethod(lambda *a, **k: None))
     roll = generate(model, ids, mask, SamplingParams(max_new_tokens=MAX_NEW, temperature=0.0), eos_ids(tok, model),
                     tok.pad_token_id)  # fmt: skip
+    assert bool(built and built[-1] is not None) == fast  # the fused decoder really stepped (LoRA merged) or not
     assert torch.equal(roll.completion_ids, expected)
     # pad = eos: the mask covers each row up to its first <|im_end|> and nothing after it
     ends = [row.tolist().index(2) + 1 if 2 in row.tolist() else MAX_NEW for row in expected]

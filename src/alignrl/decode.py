@@ -82,7 +82,7 @@ class FastDecoder:
             at, mlp = layer.self_attn, layer.mlp
             projs = [at.q_proj, at.k_proj, at.v_proj, at.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
             # quantised / sharded (DTensor) projections and LoRA variants (DoRA, ...) compute something else
-            if any(_weights(p) is None for p in projs):
+            if any(_weights(p, merge=False) is None for p in projs):
                 return None
             if type(mlp.act_fn).__name__ not in ("SiLU", "SiLUActivation"):
                 return None
@@ -134,11 +134,11 @@ class FastDecoder:
         return self.head(_rms_norm(h, self.norm, self.eps))
 
 
-def _weights(proj: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+def _weights(proj: nn.Module, merge: bool = True) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(W, b) that `proj` computes x·Wᵀ + b with: a plain nn.Linear's own, or for a peft LoRA layer its base
     weight plus each active adapter's scaling·B·A, merged once per rollout, so sampling with an adapter steps
     plain matmuls instead of peft's wrappers at every token. None for anything else (quantised, sharded, DoRA
-    and other LoRA variants)."""
+    and other LoRA variants). merge=False only checks (the base weight is returned unmerged)."""
     if type(proj) is nn.Linear:
         return (proj.weight, proj.bias) if type(proj.weight) is nn.Parameter else None
     base = getattr(proj, "base_layer", None)
@@ -146,10 +146,14 @@ def _weights(proj: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None
         return None
     if not callable(getattr(proj, "get_delta_weight", None)) or getattr(proj, "lora_variant", None):
         return None
-    if proj.disable_adapters or proj.merged:  # the base layer alone computes the output (merged: with adapters)
+    if any(getattr(proj, "lora_bias", {}).get(name) for name in proj.active_adapters):
+        return None  # adapters with a bias of their own
+    if proj.disable_adapters:  # peft computes the base layer alone (unmerging first): not reproduced when merged
+        return (base.weight, base.bias) if not proj.merged else None
+    if proj.merged:  # the adapters are already in the base weight
         return base.weight, base.bias
     weight = base.weight
-    for name in proj.active_adapters:
+    for name in proj.active_adapters if merge else ():
         if name in proj.lora_A:
             weight = weight + proj.get_delta_weight(name).to(weight.dtype)
     return weight, base.bias

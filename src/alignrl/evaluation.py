@@ -1,7 +1,7 @@
 """`alignrl eval`: a model on a prompt file with reward functions -> greedy accuracy and optional pass@k.
 
 Greedy completions are scored with the reward functions (summed with `weights`, as in training): the mean reward
-and the share of prompts whose reward reaches `threshold` (accuracy, for a 0/1 answer check). With `pass_k` > 1,
+and the share of prompts whose reward reaches `threshold` (accuracy, for a 0/1 answer check). With `pass_k` ≥ 1,
 k completions per prompt are also sampled at `temperature`; pass@k is the unbiased estimate
 1 - C(n-c, k)/C(n, k) from n = k samples of which c reach the threshold (Chen et al. 2021), i.e. the share of
 prompts with at least one success.
@@ -21,7 +21,7 @@ from alignrl.errors import AlignRLError
 from alignrl.generation import SamplingParams
 from alignrl.models import load_causal_lm, load_tokenizer, resolve_device
 from alignrl.rewards import RewardFunctions
-from alignrl.rollout import sample_and_score
+from alignrl.rollout import score_rows
 
 
 @dataclass
@@ -35,7 +35,7 @@ class EvalResult:
     mean_reward: float
     accuracy: float  # share of prompts whose greedy reward reaches the threshold
     threshold: float
-    per_function: dict[str, float] = field(default_factory=dict)  # mean greedy reward per function
+    per_function: dict[str, float | None] = field(default_factory=dict)  # mean greedy reward per function
     pass_k: int = 0
     pass_at_k: float | None = None
     temperature: float | None = None
@@ -66,7 +66,7 @@ def evaluate_model(
     model: torch.nn.Module | None = None,
     tokenizer=None,
 ) -> EvalResult:
-    """Score greedy (and, with pass_k > 1, sampled) completions of every prompt in `data_path`."""
+    """Score greedy (and, with pass_k ≥ 1, sampled) completions of every prompt in `data_path`."""
     checks = {
         "--max-new-tokens": (max_new_tokens >= 1, "≥ 1"),
         "--max-prompt-length": (max_prompt_length >= 1, "≥ 1"),
@@ -83,6 +83,7 @@ def evaluate_model(
         data = data.subset(range(min(limit, len(data))))
     require_columns(data, ["prompt"])
     fns = RewardFunctions(reward_funcs, None, set(data.rows[0]), data_path)
+    fns.set_step(0, 1)  # trainer_state for functions that read it (no training here)
     dev = resolve_device(device)
     if model is None:
         model = load_causal_lm(model_path, dtype, dev, "--model").eval()
@@ -99,7 +100,7 @@ def evaluate_model(
         threshold=threshold,
         per_function=per_fn,
     )
-    if pass_k > 1:
+    if pass_k >= 1:
         sampled, _ = _score(model, tokenizer, data, fns, pass_k, SamplingParams(max_new_tokens, temperature),
                             batch_size, max_prompt_length, dev, seed)  # fmt: skip
         hits = (sampled.view(len(data), pass_k) >= threshold).sum(1).tolist()
@@ -109,21 +110,17 @@ def evaluate_model(
 
 
 def _score(model, tokenizer, data, fns, repeats, params, batch_size, max_prompt_length, device, seed):
-    """Combined rewards [N * repeats] (prompt-major) and the mean per reward function (NaN-aware)."""
-    rewards, raws = [], []
-    per_batch = max(1, batch_size // repeats)
-    for s in range(0, len(data), per_batch):
-        idx = list(range(s, min(s + per_batch, len(data))))
-        seeds = [seed * 1_000_003 + i * repeats + j for i in idx for j in range(repeats)]
-        scored = sample_and_score(
-            model, tokenizer, [data.rows[i] for i in idx], [data.where(i) for i in idx], fns, params,
-            repeats=repeats, max_prompt_length=max_prompt_length, device=device, seeds=seeds,
-        )  # fmt: skip
-        rewards.append(scored.rewards.float().cpu())
-        raws.append(scored.raw_rewards.float().cpu())
-    raw = torch.cat(raws)
-    per_fn = {name: float(raw[:, j].nanmean()) for j, name in enumerate(fns.names)}
-    return torch.cat(rewards), per_fn
+    """Combined rewards [N * repeats] (prompt-major) and the mean per reward function (NaN-aware: None skipped)."""
+    rewards, raw = score_rows(
+        model, tokenizer, data.rows, fns, params, repeats=repeats, batch_size=batch_size,
+        max_prompt_length=max_prompt_length, device=device, seed=seed, wheres=[data.where(i) for i in range(len(data))],
+    )  # fmt: skip
+    return rewards, {name: _finite(float(raw[:, j].nanmean())) for j, name in enumerate(fns.names)}
+
+
+def _finite(x: float) -> float | None:
+    """None for NaN (a function that never applied): JSON has no NaN."""
+    return None if math.isnan(x) else x
 
 
 def report(result: EvalResult, json_path: str | None = None) -> str:
@@ -131,7 +128,7 @@ def report(result: EvalResult, json_path: str | None = None) -> str:
     rows = [("model", result.model), ("data", f"{result.data} ({result.prompts} prompts)"),
             ("mean reward (greedy)", f"{result.mean_reward:.4f}"),
             (f"accuracy (greedy, reward ≥ {result.threshold:g})", f"{result.accuracy:.1%}")]  # fmt: skip
-    rows += [(f"  {name} (mean)", f"{v:.4f}") for name, v in result.per_function.items()]
+    rows += [(f"  {name} (mean)", "n/a" if v is None else f"{v:.4f}") for name, v in result.per_function.items()]
     if result.pass_at_k is not None:
         rows.append((f"pass@{result.pass_k} (temperature {result.temperature:g})", f"{result.pass_at_k:.1%}"))
     width = max(len(r[0]) for r in rows) + 2

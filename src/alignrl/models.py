@@ -400,14 +400,29 @@ def cache_root() -> Path:
     """Where alignrl keeps converted models: $ALIGNRL_CACHE, else $XDG_CACHE_HOME/alignrl, else ~/.cache/alignrl."""
     if os.environ.get("ALIGNRL_CACHE"):
         return Path(os.environ["ALIGNRL_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "alignrl"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    if not os.path.isabs(base):  # no usable home directory
+        base = os.path.join(tempfile.gettempdir(), f"alignrl-{os.getuid()}")
+    return Path(base) / "alignrl"
 
 
 def gguf_cache_dir(gguf: str | Path) -> Path:
-    """The HF directory a GGUF file converts to, keyed by the file's resolved path, size and modification time."""
+    """The HF directory a GGUF file converts to, keyed by the file's contents and the converting versions (not
+    its path: every clone's or venv's copy of a packaged model shares one conversion)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     src = Path(gguf).resolve()
-    st = src.stat()
-    key = hashlib.sha256(f"{src}\0{st.st_size}\0{st.st_mtime_ns}\0{_GGUF_CONVERSION}".encode()).hexdigest()
+    digest = hashlib.sha256()
+    with src.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    versions = []
+    for package in ("transformers", "gguf"):
+        try:
+            versions.append(version(package))
+        except PackageNotFoundError:
+            versions.append("-")
+    key = hashlib.sha256(f"{digest.hexdigest()}\0{versions}\0{_GGUF_CONVERSION}".encode()).hexdigest()
     return cache_root() / "gguf" / f"{src.stem}-{key[:16]}"
 
 
@@ -430,10 +445,16 @@ def resolve_model_path(path: str, option: str = "model") -> str:
             f"{option}: cannot create the cache {out.parent} for the converted {path} ({e.strerror}); "
             "set ALIGNRL_CACHE to a writable directory"
         ) from None
-    with _file_lock(out.with_name(out.name + ".lock")):
-        if not (out / "config.json").is_file():  # another process may have converted it while this one waited
-            print(f"alignrl: converting {path} to {out} (once)", file=sys.stderr)
-            convert_gguf(src, out, option)
+    try:
+        with _file_lock(out.with_name(out.name + ".lock")):
+            if not (out / "config.json").is_file():  # another process may have converted it while this one waited
+                print(f"alignrl: converting {path} to {out} (once)", file=sys.stderr)
+                convert_gguf(src, out, option)
+    except PermissionError as e:
+        raise AlignRLError(
+            f"{option}: cannot write the converted {path} under {out.parent} ({e.strerror}); set ALIGNRL_CACHE to a "
+            "writable directory"
+        ) from None
     return str(out)
 
 
@@ -476,6 +497,10 @@ def convert_gguf(src: Path, out: Path, option: str = "model") -> None:
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         fast_tokenizer(tok, model.config.max_position_embeddings).save_pretrained(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        for p in [tmp, *tmp.iterdir()]:  # mkdtemp makes it private: a shared ALIGNRL_CACHE must be readable
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def _dequantize() -> dict[str, object]:

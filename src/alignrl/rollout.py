@@ -116,6 +116,38 @@ def sample_and_score(
     return ScoredRollout(rollout, prompts, completions, raw, reward_fns.combine(raw).to(device))
 
 
+def score_rows(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Sequence[dict[str, Any]],
+    reward_fns: RewardFunctions,
+    params: SamplingParams,
+    *,
+    repeats: int = 1,
+    batch_size: int = 64,
+    max_prompt_length: int = 1024,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    wheres: Sequence[str] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`repeats` completions of every row, sampled in batches of about `batch_size` completions and scored:
+    combined rewards [N * repeats] and raw rewards [N * repeats, F], prompt-major. Sample j of row i draws its
+    noise from seed (seed, i, j), so the results do not depend on the batch size."""
+    device = torch.device(device)
+    per_batch = max(1, batch_size // repeats)
+    rewards, raws = [], []
+    for s in range(0, len(rows), per_batch):
+        idx = range(s, min(s + per_batch, len(rows)))
+        scored = sample_and_score(
+            model, tokenizer, [rows[i] for i in idx], [wheres[i] if wheres else f"row {i + 1}" for i in idx],
+            reward_fns, params, repeats=repeats, max_prompt_length=max_prompt_length, device=device,
+            seeds=[seed * 1_000_003 + i * repeats + j for i in idx for j in range(repeats)],
+        )  # fmt: skip
+        rewards.append(scored.rewards.float().cpu())
+        raws.append(scored.raw_rewards.float().cpu())
+    return torch.cat(rewards), torch.cat(raws)
+
+
 def evaluate(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -128,21 +160,7 @@ def evaluate(
     device: torch.device | str = "cpu",
 ) -> float:
     """Mean reward of greedy completions over rows (e.g. exact-match accuracy with an answer-match reward)."""
-    device = torch.device(device)
-    total = 0.0
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-    for s in range(0, len(rows), batch_size):
-        chunk = rows[s : s + batch_size]
-        scored = sample_and_score(
-            model,
-            tokenizer,
-            chunk,
-            [f"row {s + i + 1}" for i in range(len(chunk))],
-            reward_fns,
-            params,
-            repeats=1,
-            max_prompt_length=max_prompt_length,
-            device=device,
-        )
-        total += float(scored.rewards.sum())
-    return total / max(len(rows), 1)
+    rewards, _ = score_rows(model, tokenizer, rows, reward_fns, params, batch_size=batch_size,
+                            max_prompt_length=max_prompt_length, device=device)  # fmt: skip
+    return float(rewards.sum()) / max(len(rows), 1)

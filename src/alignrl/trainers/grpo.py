@@ -215,7 +215,7 @@ def train(cfg: GRPOConfig) -> Path:
     for step in range(first, cfg.max_steps + 1):
         timer = loop.Timer()
         loop.release_freed_memory()  # the last update's activations and gradients, before the KV cache
-        fns.start_step(step, cfg.max_steps)  # trainer_state for reward functions; counts and logs of this step only
+        fns.start_step(step - 1, cfg.max_steps)  # trainer_state: updates done so far (as TRL); this step's counts
         with timer("generation"):
             scored, ds_metrics = rollout_batch(policy, tok, data, stream, cfg, fns, run.device)
         loop.check_reward_signal(run, fns)

@@ -319,7 +319,7 @@ def train(cfg: PPOConfig) -> Path:
         a, b = dist.shard_bounds(len(idx))  # this rank's prompts; sampling keyed by the index in the global batch
         base = (cfg.seed * 1_000_003 + getattr(stream, "consumed", step)) * 1_000_003
         loop.release_freed_memory()  # the last update's activations and gradients, before the KV cache
-        fns.start_step(step, cfg.max_steps)  # trainer_state for reward functions; counts and logs of this step only
+        fns.start_step(step - 1, cfg.max_steps)  # trainer_state: updates done so far (as TRL); this step's counts
         with timer("generation"), dist.full_params(policy) as lm:
             scored = sample_and_score(
                 lm, tok, [data.rows[i] for i in idx[a:b]], [data.where(i) for i in idx[a:b]], fns, sampling,
