@@ -210,3 +210,16 @@ def test_a_refusal_on_rank_0_stops_every_rank(tiny_model, tmp_path):
     proc = _run_group(cmd, env, timeout=120)
     assert proc.returncode != 0 and "timed out" not in proc.stderr
     assert proc.stderr.count(f"alignrl: error: output_dir {out} already holds an earlier sft run") == 2, proc.stderr
+
+
+@pytest.mark.slow
+def test_grpo_eval_on_two_ranks_equals_one_process(tiny_model, tmp_path):
+    """Each rank evaluates its share of eval_file (sampling keyed by the prompt's index in the whole set): the
+    eval/... metrics at step 0 equal one process's, pass@k included."""
+    extra = (f"eval_file={_data(tmp_path, 'grpo')}", "eval_pass_k=2", "eval_steps=1")
+    _single("grpo", tiny_model, tmp_path, tmp_path / "one", *extra)
+    _dist("grpo", tiny_model, tmp_path, tmp_path / "two", "ddp", *extra)
+    one, two = (_metrics(tmp_path / d)[0] for d in ("one", "two"))
+    keys = [k for k in one if k.startswith("eval/")]
+    assert "eval/pass@2" in keys and keys == [k for k in two if k.startswith("eval/")]
+    assert all(one[k] == pytest.approx(two[k], abs=1e-6) for k in keys), (one, two)

@@ -36,9 +36,10 @@ def eval_data(tmp_path):
 
 
 def test_greedy_accuracy_matches_the_rollout_path_and_json(tiny_model, eval_data, capsys):
+    from alignrl.generation import SamplingParams
     from alignrl.models import load_causal_lm, load_tokenizer
     from alignrl.rewards import RewardFunctions
-    from alignrl.rollout import evaluate
+    from alignrl.rollout import sample_and_score
 
     spec = f"{eval_data / 'r.py'}:first_digit_is_1"
     out = eval_data / "res.json"
@@ -48,7 +49,10 @@ def test_greedy_accuracy_matches_the_rollout_path_and_json(tiny_model, eval_data
     res = json.loads(out.read_text())
     rows = [json.loads(line) for line in (eval_data / "d.jsonl").read_text().splitlines()]
     fns = RewardFunctions([spec], None, set(rows[0]), "d")
-    want = evaluate(load_causal_lm(tiny_model).eval(), load_tokenizer(tiny_model), rows, fns, max_new_tokens=4)
+    scored = sample_and_score(load_causal_lm(tiny_model).eval(), load_tokenizer(tiny_model), rows,
+                              [str(i) for i in range(len(rows))], fns, SamplingParams(4, 0.0), repeats=1,
+                              max_prompt_length=1024, device="cpu")  # fmt: skip
+    want = float(scored.rewards.mean())  # one greedy batch, no batching logic
     assert res["prompts"] == 12 and res["mean_reward"] == pytest.approx(want) and res["accuracy"] == res["mean_reward"]
     assert res["pass_k"] == 3 and 0.0 <= res["pass_at_k"] <= 1.0
     assert f"{res['accuracy']:.1%}" in table and "pass@3 (temperature 1)" in table
@@ -86,3 +90,28 @@ def test_eval_bad_input_is_one_line(tiny_model, eval_data, capsys, extra, messag
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and f"alignrl: error: {message}" in err
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_eval_during_training_equals_alignrl_eval_on_the_final_model(algo, tiny_model, eval_data, tmp_path):
+    """eval_file in an online trainer: eval/... metrics at step 0, every eval_steps and at the end, equal to
+    `alignrl eval` on the saved model and the same file; the evaluated completions go to samples.jsonl."""
+    spec = f"{eval_data / 'r.py'}:even_first"
+    out = tmp_path / "run"
+    args = ["train", algo, f"model={tiny_model}", f"train_file={eval_data / 'd.jsonl'}",
+            f"eval_file={eval_data / 'd.jsonl'}", f"output_dir={out}", "max_steps=2", "eval_steps=1",
+            "prompts_per_step=2", "max_completion_length=4", "progress_bar=false", f"reward_funcs=[{spec}]",
+            "eval_pass_k=2", "learning_rate=1e-2", "temperature=1.0"]  # fmt: skip
+    assert main([*args, "num_generations=2"] if algo == "grpo" else args) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/reward" in r]
+    assert [r["step"] for r in evals] == [0, 1, 2]
+    res = evaluate_model(str(out / "final"), str(eval_data / "d.jsonl"), [spec], max_new_tokens=4,
+                         max_prompt_length=512, pass_k=2, temperature=1.0)  # fmt: skip
+    last = evals[-1]
+    assert last["eval/reward"] == pytest.approx(res.mean_reward)
+    assert last["eval/accuracy"] == pytest.approx(res.accuracy)
+    assert last["eval/rewards/even_first/mean"] == pytest.approx(res.per_function["even_first"])
+    assert last["eval/pass@2"] == pytest.approx(res.pass_at_k) and last["eval/completion_length"] > 0
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert sum(1 for s in samples if s.get("eval") and s["step"] == 2) == 12  # every held-out prompt

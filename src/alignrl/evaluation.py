@@ -13,10 +13,12 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from alignrl.data import load_rows, require_columns
+from alignrl import distributed as dist
+from alignrl.data import Rows, load_rows, require_columns
 from alignrl.errors import AlignRLError
 from alignrl.generation import SamplingParams
 from alignrl.models import load_causal_lm, load_tokenizer, resolve_device
@@ -88,34 +90,114 @@ def evaluate_model(
     if model is None:
         model = load_causal_lm(model_path, dtype, dev, "--model").eval()
         tokenizer = load_tokenizer(model_path, "--model")
-    greedy, per_fn = _score(model, tokenizer, data, fns, 1, SamplingParams(max_new_tokens, 0.0), batch_size,
-                            max_prompt_length, dev, seed)  # fmt: skip
-    result = EvalResult(
+    sums, _ = eval_sums(model, tokenizer, data, fns, max_new_tokens=max_new_tokens, max_prompt_length=max_prompt_length,
+                        batch_size=batch_size, threshold=threshold, pass_k=pass_k, temperature=temperature,
+                        device=dev, seed=seed)  # fmt: skip
+    m = eval_metrics(sums, fns.names, pass_k)
+    return EvalResult(
         model=model_path,
         data=data_path,
         reward_funcs=list(reward_funcs),
         prompts=len(data),
-        mean_reward=float(greedy.mean()),
-        accuracy=float((greedy >= threshold).float().mean()),
+        mean_reward=m["reward"],
+        accuracy=m["accuracy"],
         threshold=threshold,
-        per_function=per_fn,
+        per_function={name: _finite(m[f"rewards/{name}/mean"]) for name in fns.names},
+        pass_k=pass_k,
+        pass_at_k=m.get(f"pass@{pass_k}"),
+        temperature=temperature if pass_k else None,
     )
+
+
+def eval_sums(
+    model: torch.nn.Module,
+    tokenizer,
+    data: Rows,
+    fns: RewardFunctions,
+    *,
+    max_new_tokens: int,
+    max_prompt_length: int = 1024,
+    batch_size: int = 32,
+    threshold: float = 1.0,
+    pass_k: int = 0,
+    temperature: float = 1.0,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    first_index: int = 0,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Sums over the prompts of `data` (a process's share, added over processes by the caller; `first_index` is
+    the share's start in the whole set) and the greedy completions as sample rows."""
+    wheres = [data.where(i) for i in range(len(data))]
+    greedy = score_rows(model, tokenizer, data.rows, fns, SamplingParams(max_new_tokens, 0.0), batch_size=batch_size,
+                        max_prompt_length=max_prompt_length, device=device, seed=seed, wheres=wheres,
+                        first_index=first_index)  # fmt: skip
+    sums = {
+        "prompts": float(len(data)),
+        "reward": float(greedy.rewards.sum()),
+        "solved": float((greedy.rewards >= threshold).sum()),
+        "completion_length": float(greedy.lengths.sum()),
+    }
+    for j, name in enumerate(fns.names):
+        applies = ~greedy.raw[:, j].isnan()
+        sums[f"rewards/{name}/sum"] = float(greedy.raw[applies, j].sum())
+        sums[f"rewards/{name}/count"] = float(applies.sum())
     if pass_k >= 1:
-        sampled, _ = _score(model, tokenizer, data, fns, pass_k, SamplingParams(max_new_tokens, temperature),
-                            batch_size, max_prompt_length, dev, seed)  # fmt: skip
-        hits = (sampled.view(len(data), pass_k) >= threshold).sum(1).tolist()
-        result.pass_k, result.temperature = pass_k, temperature
-        result.pass_at_k = sum(pass_at_k(pass_k, int(c), pass_k) for c in hits) / len(data)
-    return result
+        sampled = score_rows(model, tokenizer, data.rows, fns, SamplingParams(max_new_tokens, temperature),
+                             repeats=pass_k, batch_size=batch_size, max_prompt_length=max_prompt_length,
+                             device=device, seed=seed, wheres=wheres, first_index=first_index)  # fmt: skip
+        hits = (sampled.rewards.view(len(data), pass_k) >= threshold).sum(1).tolist()
+        sums["pass_at_k"] = sum(pass_at_k(pass_k, int(c), pass_k) for c in hits)
+    samples = [
+        {"eval": True, "prompt": row["prompt"], "completion": c, "reward": float(r)}
+        for row, c, r in zip(data.rows, greedy.completions, greedy.rewards.tolist())
+    ]
+    return sums, samples
 
 
-def _score(model, tokenizer, data, fns, repeats, params, batch_size, max_prompt_length, device, seed):
-    """Combined rewards [N * repeats] (prompt-major) and the mean per reward function (NaN-aware: None skipped)."""
-    rewards, raw = score_rows(
-        model, tokenizer, data.rows, fns, params, repeats=repeats, batch_size=batch_size,
-        max_prompt_length=max_prompt_length, device=device, seed=seed, wheres=[data.where(i) for i in range(len(data))],
-    )  # fmt: skip
-    return rewards, {name: _finite(float(raw[:, j].nanmean())) for j, name in enumerate(fns.names)}
+def eval_set(cfg: Any) -> tuple[Rows | None, RewardFunctions | None]:
+    """An online trainer's held-out set (eval_file) and the reward functions it is scored with (eval_reward_funcs,
+    else reward_funcs with their weights), checked against its columns before training."""
+    if not cfg.eval_file:
+        return None, None
+    data = load_rows(cfg.eval_file)
+    require_columns(data, ["prompt"])
+    specs = cfg.eval_reward_funcs or cfg.reward_funcs
+    weights = None if cfg.eval_reward_funcs else cfg.reward_weights
+    fns = RewardFunctions(specs, weights, set(data.rows[0]), cfg.eval_file, timeout=cfg.reward_timeout)
+    fns.set_step(0, cfg.max_steps)
+    return data, fns
+
+
+def evaluate_online(
+    policy: torch.nn.Module, tokenizer, data: Rows, fns: RewardFunctions, cfg: Any, device: torch.device
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Held-out evaluation inside an online trainer (GRPO, PPO): every rank scores its share of `data` with the
+    policy's full weights; returns the `eval/...` metrics (what `alignrl eval` gives on the same model and file,
+    with max_new_tokens = max_completion_length, pass@k at the sampling temperature) and every greedy completion
+    as a sample row."""
+    a, b = dist.shard_bounds(len(data))
+    with dist.full_params(policy) as model:
+        sums, samples = eval_sums(
+            model, tokenizer, data.subset(range(a, b)), fns, max_new_tokens=cfg.max_completion_length,
+            max_prompt_length=cfg.max_prompt_length, pass_k=cfg.eval_pass_k, temperature=cfg.temperature,
+            device=device, seed=cfg.seed, first_index=a,
+        )  # fmt: skip
+    sums = {k: dist.all_reduce(v) for k, v in sums.items()}
+    metrics = {f"eval/{k}": v for k, v in eval_metrics(sums, fns.names, cfg.eval_pass_k).items()}
+    return metrics, dist.all_gather_objects(samples)
+
+
+def eval_metrics(sums: dict[str, float], names: list[str], pass_k: int) -> dict[str, float]:
+    """Means from `eval_sums` (NaN for a reward function that never applied)."""
+    n = max(sums["prompts"], 1.0)
+    out = {"reward": sums["reward"] / n, "accuracy": sums["solved"] / n}
+    out["completion_length"] = sums["completion_length"] / n
+    for name in names:
+        count = sums[f"rewards/{name}/count"]
+        out[f"rewards/{name}/mean"] = sums[f"rewards/{name}/sum"] / count if count else math.nan
+    if pass_k >= 1:
+        out[f"pass@{pass_k}"] = sums["pass_at_k"] / n
+    return out
 
 
 def _finite(x: float) -> float | None:

@@ -116,6 +116,16 @@ def sample_and_score(
     return ScoredRollout(rollout, prompts, completions, raw, reward_fns.combine(raw).to(device))
 
 
+@dataclass
+class RowScores:
+    """What `score_rows` returns, prompt-major (row i's samples at i * repeats ... i * repeats + repeats - 1)."""
+
+    rewards: torch.Tensor  # [N * repeats] combined
+    raw: torch.Tensor  # [N * repeats, F] per function, NaN where it did not apply
+    lengths: torch.Tensor  # [N * repeats] completion tokens (up to and including EOS)
+    completions: list[Any]  # as given to the reward functions
+
+
 def score_rows(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -129,38 +139,25 @@ def score_rows(
     device: torch.device | str = "cpu",
     seed: int = 0,
     wheres: Sequence[str] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`repeats` completions of every row, sampled in batches of about `batch_size` completions and scored:
-    combined rewards [N * repeats] and raw rewards [N * repeats, F], prompt-major. Sample j of row i draws its
-    noise from seed (seed, i, j), so the results do not depend on the batch size."""
+    first_index: int = 0,
+) -> RowScores:
+    """`repeats` completions of every row, sampled in batches of about `batch_size` completions and scored. Sample
+    j of row i draws its noise from (seed, first_index + i, j): the results depend neither on the batch size nor,
+    when a data set is split over processes (first_index = the share's start), on the split."""
     device = torch.device(device)
     per_batch = max(1, batch_size // repeats)
-    rewards, raws = [], []
+    rewards, raws, lengths, completions = [], [], [], []
     for s in range(0, len(rows), per_batch):
         idx = range(s, min(s + per_batch, len(rows)))
         scored = sample_and_score(
             model, tokenizer, [rows[i] for i in idx], [wheres[i] if wheres else f"row {i + 1}" for i in idx],
             reward_fns, params, repeats=repeats, max_prompt_length=max_prompt_length, device=device,
-            seeds=[seed * 1_000_003 + i * repeats + j for i in idx for j in range(repeats)],
+            seeds=[seed * 1_000_003 + (first_index + i) * repeats + j for i in idx for j in range(repeats)],
         )  # fmt: skip
         rewards.append(scored.rewards.float().cpu())
         raws.append(scored.raw_rewards.float().cpu())
-    return torch.cat(rewards), torch.cat(raws)
-
-
-def evaluate(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    rows: Sequence[dict[str, Any]],
-    reward_fns: RewardFunctions,
-    *,
-    max_new_tokens: int,
-    max_prompt_length: int = 1024,
-    batch_size: int = 64,
-    device: torch.device | str = "cpu",
-) -> float:
-    """Mean reward of greedy completions over rows (e.g. exact-match accuracy with an answer-match reward)."""
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-    rewards, _ = score_rows(model, tokenizer, rows, reward_fns, params, batch_size=batch_size,
-                            max_prompt_length=max_prompt_length, device=device)  # fmt: skip
-    return float(rewards.sum()) / max(len(rows), 1)
+        lengths.append(scored.rollout.completion_mask.sum(1).cpu())
+        completions += scored.completions
+    if not rewards:
+        return RowScores(torch.zeros(0), torch.zeros(0, len(reward_fns.names)), torch.zeros(0, dtype=torch.long), [])
+    return RowScores(torch.cat(rewards), torch.cat(raws), torch.cat(lengths), completions)

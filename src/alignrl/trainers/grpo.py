@@ -23,10 +23,11 @@ from alignrl.algos.utils import masked_mean
 from alignrl.config import TrainConfig
 from alignrl.data import infinite_batches, load_rows, require_columns
 from alignrl.errors import AlignRLError
+from alignrl.evaluation import eval_set, evaluate_online
 from alignrl.generation import Rollout, SamplingParams
 from alignrl.models import adapter_disabled, is_peft
 from alignrl.rewards import RewardFunctions, check_sampling_options
-from alignrl.rollout import ScoredRollout, check_prompt_lengths, evaluate, sample_and_score
+from alignrl.rollout import ScoredRollout, check_prompt_lengths, sample_and_score
 from alignrl.trainers import loop
 
 
@@ -60,6 +61,9 @@ class GRPOConfig(TrainConfig):
     dynamic_sampling_max_rounds: int = 4
     overlong_cache: int = 0  # > 0 adds DAPO's soft overlong penalty with this cache length
     log_completions: int = 4  # completions written to samples.jsonl every logging step
+    # held-out evaluation (eval_file, every eval_steps and at the end): eval/... metrics, completions in samples.jsonl
+    eval_reward_funcs: list[str] | None = None  # reward functions for evaluation; None: reward_funcs
+    eval_pass_k: int = 0  # > 0: also pass@k from k samples per eval prompt at `temperature`
 
     def validate(self) -> None:
         super().validate()
@@ -72,6 +76,8 @@ class GRPOConfig(TrainConfig):
         if self.num_iterations < 1 or self.prompts_per_step < 1 or self.max_completion_length < 1:
             raise AlignRLError("num_iterations, prompts_per_step and max_completion_length must be ≥ 1")
         check_sampling_options(self)
+        if self.eval_pass_k < 0:
+            raise AlignRLError(f"eval_pass_k: must be ≥ 0, got {self.eval_pass_k}")
         if self.micro_batch_size < 0:
             raise AlignRLError("micro_batch_size: must be ≥ 0 (0 = the whole batch at once)")
         if not 0 <= self.overlong_cache < self.max_completion_length:
@@ -201,7 +207,7 @@ def train(cfg: GRPOConfig) -> Path:
     require_columns(data, ["prompt"])
     check_prompt_lengths(data, tok, cfg.max_prompt_length, cfg.max_completion_length, model)
     fns = build_rewards(cfg, set(data.rows[0]), cfg.train_file)
-    eval_rows = load_rows(cfg.eval_file).rows if cfg.eval_file else None
+    eval_data, eval_fns = eval_set(cfg)
     ref = None
     if cfg.beta > 0 and not is_peft(model):
         ref = loop.load_reference(run, cfg.model)
@@ -210,8 +216,10 @@ def train(cfg: GRPOConfig) -> Path:
     stream = checkpoint.ReplayStream(lambda: infinite_batches(len(data), cfg.prompts_per_step, random.Random(cfg.seed)))
     first = run.register(model, tok, optimizer=opt, scheduler=sched, data=stream)
     G = cfg.num_generations
-    if eval_rows and first == 1:
-        run.metrics.log(0, {"eval_reward": _eval(policy, tok, eval_rows, fns, cfg, run.device)})
+    if eval_data is not None and first == 1:
+        evaluated, eval_samples = evaluate_online(policy, tok, eval_data, eval_fns, cfg, run.device)
+        run.metrics.log(0, evaluated)
+        run.metrics.samples(0, eval_samples)
     for step in range(first, cfg.max_steps + 1):
         timer = loop.Timer()
         loop.release_freed_memory()  # the last update's activations and gradients, before the KV cache
@@ -310,9 +318,11 @@ def train(cfg: GRPOConfig) -> Path:
         metrics = _step_metrics(scored, fns, adv_all, stats, dist.all_reduce(loss_total), upd, timer, G)
         metrics.update(ds_metrics)
         extra = loop.add_reward_logs(metrics, fns)
-        if eval_rows and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps):
-            metrics["eval_reward"] = _eval(policy, tok, eval_rows, fns, cfg, run.device)
-        if step % cfg.logging_steps == 0 or "eval_reward" in metrics:
+        eval_samples = []
+        if eval_data is not None and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps):
+            evaluated, eval_samples = evaluate_online(policy, tok, eval_data, eval_fns, cfg, run.device)
+            metrics.update(evaluated)
+        if step % cfg.logging_steps == 0 or eval_samples:
             run.metrics.log(step, metrics)
             run.metrics.samples(
                 step,
@@ -324,26 +334,11 @@ def train(cfg: GRPOConfig) -> Path:
                         **{c: v[i] for c, v in extra.items() if len(v) == len(scored.completions)},
                     }
                     for i in range(min(cfg.log_completions, len(scored.completions)))
-                ],
+                ]
+                + eval_samples,
             )
         run.end_step(step)
     return loop.finish(run, model, tok)
-
-
-def _eval(policy, tok, rows, fns, cfg: GRPOConfig, device) -> float:
-    """Mean greedy reward over `rows`; each rank evaluates its share."""
-    part = dist.shard(rows)
-    with dist.full_params(policy) as model:
-        mean = evaluate(
-            model,
-            tok,
-            part,
-            fns,
-            max_new_tokens=cfg.max_completion_length,
-            max_prompt_length=cfg.max_prompt_length,
-            device=device,
-        )
-    return dist.all_reduce(mean * len(part)) / max(len(rows), 1)
 
 
 def _add(stats: dict[str, list[float]], key: str, value: torch.Tensor, weight) -> None:

@@ -29,10 +29,11 @@ from alignrl.algos.utils import masked_mean, masked_sum, whiten
 from alignrl.config import TrainConfig
 from alignrl.data import infinite_batches, load_rows, require_columns
 from alignrl.errors import AlignRLError
+from alignrl.evaluation import eval_set, evaluate_online
 from alignrl.generation import SamplingParams
 from alignrl.models import adapter_disabled, enable_activation_checkpointing, is_peft, unwrap
 from alignrl.rewards import RewardFunctions, check_sampling_options
-from alignrl.rollout import check_prompt_lengths, evaluate, sample_and_score
+from alignrl.rollout import check_prompt_lengths, sample_and_score
 from alignrl.trainers import loop
 from alignrl.value_model import (
     ValueHead,
@@ -89,6 +90,9 @@ class PPOConfig(TrainConfig):
     dual_clip: float | None = None  # c > 1 caps the loss of negative-advantage tokens (typically 3)
     vf_coef: float = 0.1  # weight of the value loss
     log_completions: int = 4  # completions written to samples.jsonl every logging step
+    # held-out evaluation (eval_file, every eval_steps and at the end): eval/... metrics, completions in samples.jsonl
+    eval_reward_funcs: list[str] | None = None  # reward functions for evaluation; None: reward_funcs
+    eval_pass_k: int = 0  # > 0: also pass@k from k samples per eval prompt at `temperature`
 
     RESUME_FIXED: ClassVar[tuple[str, ...]] = (*TrainConfig.RESUME_FIXED, "critic", "value_model")
 
@@ -114,6 +118,8 @@ class PPOConfig(TrainConfig):
                 f"prompts_per_step × num_generations = {self.batch_size} sequences"
             )
         check_sampling_options(self)
+        if self.eval_pass_k < 0:
+            raise AlignRLError(f"eval_pass_k: must be ≥ 0, got {self.eval_pass_k}")
         if not 0 < self.gamma <= 1 or not 0 <= self.lam <= 1:
             raise AlignRLError("gamma must be in (0, 1] and lam in [0, 1]")
         if self.kl_coef < 0 or self.cliprange < 0 or self.cliprange_value < 0 or self.vf_coef < 0:
@@ -294,7 +300,7 @@ def train(cfg: PPOConfig) -> Path:
         cfg.reward_funcs, cfg.reward_weights, set(data.rows[0]), cfg.train_file, timeout=cfg.reward_timeout
     )
     fns.set_step(0, cfg.max_steps)
-    eval_rows = load_rows(cfg.eval_file).rows if cfg.eval_file else None
+    eval_data, eval_fns = eval_set(cfg)
     ref = None
     if not is_peft(model):
         ref = loop.load_reference(run, cfg.model)
@@ -311,8 +317,10 @@ def train(cfg: PPOConfig) -> Path:
         cfg.max_completion_length, cfg.temperature, cfg.top_p, cfg.top_k, loop.autocast_dtype(cfg)
     )
     G, N = cfg.num_generations, cfg.batch_size
-    if eval_rows and first == 1:
-        run.metrics.log(0, {"eval_reward": _eval(policy, tok, eval_rows, fns, cfg, run.device)})
+    if eval_data is not None and first == 1:
+        evaluated, eval_samples = evaluate_online(policy, tok, eval_data, eval_fns, cfg, run.device)
+        run.metrics.log(0, evaluated)
+        run.metrics.samples(0, eval_samples)
     for step in range(first, cfg.max_steps + 1):
         timer = loop.Timer()
         idx = next(stream)
@@ -377,16 +385,18 @@ def train(cfg: PPOConfig) -> Path:
             **{f"time/{k}": v for k, v in timer.t.items()},
         }
         extra = loop.add_reward_logs(metrics, fns)
-        if eval_rows and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps):
-            metrics["eval_reward"] = _eval(policy, tok, eval_rows, fns, cfg, run.device)
-        if step % cfg.logging_steps == 0 or "eval_reward" in metrics:
+        eval_samples = []
+        if eval_data is not None and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps):
+            evaluated, eval_samples = evaluate_online(policy, tok, eval_data, eval_fns, cfg, run.device)
+            metrics.update(evaluated)
+        if step % cfg.logging_steps == 0 or eval_samples:
             run.metrics.log(step, metrics)
             n = min(cfg.log_completions, len(scored.completions))
             run.metrics.samples(step, [
                 {"prompt": scored.prompts[i], "completion": scored.completions[i], "score": float(scores[i]),
                  **{c: v[i] for c, v in extra.items() if len(v) == len(scored.completions)}}
                 for i in range(n)
-            ])  # fmt: skip
+            ] + eval_samples)  # fmt: skip
         run.end_step(step)
     if cfg.save_value_model:
         critic.save(run.out, tok)
@@ -499,14 +509,3 @@ def ppo_update(
 
 def _reward_columns(raw: torch.Tensor, fns: RewardFunctions) -> dict[str, float]:
     return {f"rewards/{name}/mean": float(raw[:, j].nanmean()) for j, name in enumerate(fns.names)}
-
-
-def _eval(policy, tok, rows, fns, cfg: PPOConfig, device) -> float:
-    """Mean greedy reward over `rows`; each rank evaluates its share."""
-    part = dist.shard(rows)
-    with dist.full_params(policy) as model:
-        mean = evaluate(
-            model, tok, part, fns, max_new_tokens=cfg.max_completion_length,
-            max_prompt_length=cfg.max_prompt_length, device=device,
-        ) if part else 0.0  # fmt: skip
-    return dist.all_reduce(mean * len(part)) / max(len(rows), 1)
