@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import os
 import shutil
@@ -412,18 +413,27 @@ def gguf_cache_dir(gguf: str | Path) -> Path:
     from importlib.metadata import PackageNotFoundError, version
 
     src = Path(gguf).resolve()
-    digest = hashlib.sha256()
-    with src.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
+    st = src.stat()
     versions = []
     for package in ("transformers", "gguf"):
         try:
             versions.append(version(package))
         except PackageNotFoundError:
             versions.append("-")
-    key = hashlib.sha256(f"{digest.hexdigest()}\0{versions}\0{_GGUF_CONVERSION}".encode()).hexdigest()
+    digest = _file_digest(str(src), st.st_size, st.st_mtime_ns)
+    key = hashlib.sha256(f"{digest}\0{versions}\0{_GGUF_CONVERSION}".encode()).hexdigest()
     return cache_root() / "gguf" / f"{src.stem}-{key[:16]}"
+
+
+@functools.lru_cache(maxsize=16)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """SHA-256 of a file, once per (path, size, modification time) in this process: every loader resolves the
+    same `.gguf` path (model, tokenizer, reference), and reading a model file each time is not free."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def resolve_model_path(path: str, option: str = "model") -> str:
