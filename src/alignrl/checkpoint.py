@@ -68,7 +68,7 @@ MARKER = "alignrl_checkpoint.json"
 STATE_FILE = "trainer_state.pt"
 TRAINABLE_FILE = "trainable.safetensors"
 FORMAT = 1
-_NAME = re.compile(r"^checkpoint-(\d+)$")
+CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")  # OUTPUT_DIR/checkpoint-STEP
 
 
 class TrainingStopped(Exception):
@@ -260,7 +260,7 @@ def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
     found = []
     if out.is_dir():
         for p in out.iterdir():
-            m = _NAME.match(p.name)
+            m = CHECKPOINT_DIR.match(p.name)
             if m and p.is_dir() and is_complete(p):
                 found.append((int(m.group(1)), p))
     return sorted(found)
@@ -335,7 +335,9 @@ def discard_after(out_dir: str | Path, step: int, allowed: bool = True) -> list[
     out = Path(out_dir)
     later = []
     if out.is_dir():
-        later = [p for p in sorted(out.iterdir()) if (m := _NAME.match(p.name)) and p.is_dir() and int(m[1]) > step]
+        later = [
+            p for p in sorted(out.iterdir()) if (m := CHECKPOINT_DIR.match(p.name)) and p.is_dir() and int(m[1]) > step
+        ]
     kept = [p for p in later if is_complete(p)]
     if kept and not allowed:
         raise AlignRLError(

@@ -5,7 +5,7 @@ replaced unless the user asks.
   process dies (even by SIGKILL), so a dead run's lock never blocks; a live one makes a second run stop with one
   line naming the holder (pid, host, start time) written in the lock file.
 - `alignrl_run.json` records which algorithm the directory holds; `resume` refuses another algorithm's run.
-- `prepare(out, algorithm, resuming, overwrite)`: a fresh run refuses a directory holding an earlier run
+- `prepare(out, algorithm, ...)`: a fresh run refuses a directory holding an earlier run
   (checkpoints, final/, metrics) unless `overwrite_output_dir=true`; it also removes what a killed process left
   half-written (`.final.tmp-*`, `.checkpoint-*.tmp-*`), which only the lock holder may touch.
 """
@@ -19,19 +19,18 @@ import fcntl
 import functools
 import json
 import os
-import re
 import shutil
 import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from alignrl.checkpoint import CHECKPOINT_DIR, latest_checkpoint
 from alignrl.errors import AlignRLError
 
 C = TypeVar("C")
 LOCK_FILE = ".alignrl.lock"
 RUN_INFO = "alignrl_run.json"
-_CHECKPOINT = re.compile(r"^checkpoint-\d+$")
 _DEBRIS = (".final.tmp-*", ".final.old-*", ".checkpoint-*.tmp-*", ".checkpoint-*.old-*")
 _RUN_FILES = ("metrics.jsonl", "samples.jsonl", "config.yaml", RUN_INFO)
 
@@ -120,7 +119,7 @@ def recorded_algorithm(out: Path) -> str | None:
 def earlier_run(out: Path) -> list[str]:
     """What an earlier run left in `out` (checkpoints, final/, logs), for messages; empty if nothing."""
     found = sorted(
-        (p.name for p in out.iterdir() if _CHECKPOINT.match(p.name) and p.is_dir()),
+        (p.name for p in out.iterdir() if CHECKPOINT_DIR.match(p.name) and p.is_dir()),
         key=lambda n: int(n.split("-")[1]),
     )
     shown = found if len(found) <= 3 else [found[0], "...", found[-1]]
@@ -141,7 +140,7 @@ def remove_debris(out: Path) -> None:
 def clear_earlier_run(out: Path) -> None:
     """overwrite_output_dir: remove the files an alignrl run writes (nothing else in the directory)."""
     for p in out.iterdir():
-        if (_CHECKPOINT.match(p.name) or p.name == "final") and p.is_dir():
+        if (CHECKPOINT_DIR.match(p.name) or p.name == "final") and p.is_dir():
             shutil.rmtree(p)
         elif p.name in _RUN_FILES and p.is_file():
             p.unlink()
@@ -158,11 +157,10 @@ def check_algorithm(out: Path, algorithm: str, resume: str | None) -> None:
 
 
 def prepare(out: Path, algorithm: str, *, resume: str | None, resuming_from_checkpoint: bool, overwrite: bool) -> None:
-    """Decide what this run may do with `out` (locked, debris removed): refuse another algorithm's directory
-    when resuming, refuse to start fresh over an earlier run unless `overwrite`, then record this run's
-    algorithm. resume=auto with no checkpoint starts fresh over a run that was killed before its first
-    checkpoint, not over a finished one."""
-    check_algorithm(out, algorithm, resume)
+    """Decide what this run may do with `out` (locked, debris removed, its algorithm checked by check_algorithm):
+    refuse to start fresh over an earlier run unless `overwrite`, then record this run's algorithm. resume=auto
+    with no checkpoint starts fresh over a run that was killed before its first checkpoint, not over a finished
+    one."""
     earlier = recorded_algorithm(out)
     left = earlier_run(out)
     if not resuming_from_checkpoint and left:
@@ -180,6 +178,4 @@ def prepare(out: Path, algorithm: str, *, resume: str | None, resuming_from_chec
 
 
 def _has_checkpoint(out: Path) -> bool:
-    from alignrl.checkpoint import latest_checkpoint
-
     return latest_checkpoint(out) is not None
