@@ -73,47 +73,31 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Ranges of the shared options (trainer configs extend this)."""
-        checks = {
-            "learning_rate": self.learning_rate > 0,
-            "max_steps": self.max_steps >= 1,
-            "weight_decay": self.weight_decay >= 0,
-            "adam_beta1": 0 <= self.adam_beta1 < 1,
-            "adam_beta2": 0 <= self.adam_beta2 < 1,
-            "adam_epsilon": self.adam_epsilon > 0,
-            "warmup_steps": self.warmup_steps >= 0,
-            "max_grad_norm": self.max_grad_norm >= 0,
-            "gradient_accumulation_steps": self.gradient_accumulation_steps >= 1,
-            "eval_fraction": 0 <= self.eval_fraction < 1,
-            "num_threads": self.num_threads >= 0,
-            "lora_r": self.lora_r >= 0,
-            "lora_alpha": self.lora_alpha > 0,
-            "lora_dropout": 0 <= self.lora_dropout < 1,
-            "logprob_chunk_tokens": self.logprob_chunk_tokens >= 1,
-            "logging_steps": self.logging_steps >= 1,
-            "eval_steps": self.eval_steps >= 0,
-            "save_steps": self.save_steps >= 0,
-            "save_total_limit": self.save_total_limit >= 0,
-            "max_nonfinite_in_a_row": self.max_nonfinite_in_a_row >= 0,
+        checks = {  # option: (holds, the rule the message states)
+            "learning_rate": (self.learning_rate > 0, "must be > 0"),
+            "max_steps": (self.max_steps >= 1, "must be ≥ 1"),
+            "weight_decay": (self.weight_decay >= 0, "must be ≥ 0"),
+            "adam_beta1": (0 <= self.adam_beta1 < 1, "must be in [0, 1)"),
+            "adam_beta2": (0 <= self.adam_beta2 < 1, "must be in [0, 1)"),
+            "adam_epsilon": (self.adam_epsilon > 0, "must be > 0"),
+            "warmup_steps": (self.warmup_steps >= 0, "must be ≥ 0"),
+            "max_grad_norm": (self.max_grad_norm >= 0, "must be ≥ 0"),
+            "gradient_accumulation_steps": (self.gradient_accumulation_steps >= 1, "must be ≥ 1"),
+            "eval_fraction": (0 <= self.eval_fraction < 1, "must be in [0, 1)"),
+            "num_threads": (self.num_threads >= 0, "must be ≥ 0"),
+            "lora_r": (self.lora_r >= 0, "must be ≥ 0"),
+            "lora_alpha": (self.lora_alpha > 0, "must be > 0"),
+            "lora_dropout": (0 <= self.lora_dropout < 1, "must be in [0, 1)"),
+            "logprob_chunk_tokens": (self.logprob_chunk_tokens >= 1, "must be ≥ 1"),
+            "logging_steps": (self.logging_steps >= 1, "must be ≥ 1"),
+            "eval_steps": (self.eval_steps >= 0, "must be ≥ 0"),
+            "save_steps": (self.save_steps >= 0, "must be ≥ 0"),
+            "save_total_limit": (self.save_total_limit >= 0, "must be ≥ 0"),
+            "max_nonfinite_in_a_row": (self.max_nonfinite_in_a_row >= 0, "must be ≥ 0"),
         }
-        for name, ok in checks.items():
+        for name, (ok, rule) in checks.items():
             if not ok:
-                rule = _RANGES.get(name, "must be ≥ 0")
                 raise AlignRLError(f"{name}: {rule}, got {getattr(self, name)!r}")
-
-
-_RANGES = {
-    "learning_rate": "must be > 0",
-    "max_steps": "must be ≥ 1",
-    "adam_beta1": "must be in [0, 1)",
-    "adam_beta2": "must be in [0, 1)",
-    "adam_epsilon": "must be > 0",
-    "gradient_accumulation_steps": "must be ≥ 1",
-    "eval_fraction": "must be in [0, 1)",
-    "lora_alpha": "must be > 0",
-    "lora_dropout": "must be in [0, 1)",
-    "logprob_chunk_tokens": "must be ≥ 1",
-    "logging_steps": "must be ≥ 1",
-}
 
 
 def algorithm_of(cfg: Any) -> str:
