@@ -84,8 +84,7 @@ def evaluate_model(
     if limit:
         data = data.subset(range(min(limit, len(data))))
     require_columns(data, ["prompt"])
-    fns = RewardFunctions(reward_funcs, None, set(data.rows[0]), data_path)
-    fns.set_step(0, 1)  # trainer_state for functions that read it (no training here)
+    fns = RewardFunctions(reward_funcs, None, set(data.rows[0]), data_path, max_steps=1)  # no training: step 0 of 1
     dev = resolve_device(device)
     if model is None:
         model = load_causal_lm(model_path, dtype, dev, "--model").eval()
@@ -163,18 +162,26 @@ def eval_set(cfg: Any) -> tuple[Rows | None, RewardFunctions | None]:
     require_columns(data, ["prompt"])
     specs = cfg.eval_reward_funcs or cfg.reward_funcs
     weights = None if cfg.eval_reward_funcs else cfg.reward_weights
-    fns = RewardFunctions(specs, weights, set(data.rows[0]), cfg.eval_file, timeout=cfg.reward_timeout)
-    fns.set_step(0, cfg.max_steps)
-    return data, fns
+    return data, RewardFunctions(specs, weights, set(data.rows[0]), cfg.eval_file, cfg.reward_timeout, cfg.max_steps)
 
 
 def evaluate_online(
-    policy: torch.nn.Module, tokenizer, data: Rows, fns: RewardFunctions, cfg: Any, device: torch.device
+    policy: torch.nn.Module,
+    tokenizer,
+    data: Rows | None,
+    fns: RewardFunctions | None,
+    cfg: Any,
+    device: torch.device,
+    step: int,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Held-out evaluation inside an online trainer (GRPO, PPO): every rank scores its share of `data` with the
-    policy's full weights; returns the `eval/...` metrics (what `alignrl eval` gives on the same model and file,
-    with max_new_tokens = max_completion_length, pass@k at the sampling temperature) and every greedy completion
-    as a sample row."""
+    """Held-out evaluation inside an online trainer (GRPO, PPO), when one is due (an eval_file, and step 0, every
+    eval_steps or the last step; else nothing): every rank scores its share of `data` with the policy's full
+    weights; returns the `eval/...` metrics (what `alignrl eval` gives on the same model and file, with
+    max_new_tokens = max_completion_length, pass@k at the sampling temperature) and every greedy completion as a
+    sample row."""
+    due = step == 0 or (cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps
+    if data is None or fns is None or not due:
+        return {}, []
     a, b = dist.shard_bounds(len(data))
     with dist.full_params(policy) as model:
         sums, samples = eval_sums(

@@ -15,7 +15,7 @@ from alignrl import distributed as dist
 from alignrl.data import Rows, encode, render_prompt
 from alignrl.errors import AlignRLError
 from alignrl.generation import Rollout, SamplingParams, generate, left_pad
-from alignrl.rewards import RewardFunctions, passed_columns
+from alignrl.rewards import RewardFunctions
 
 
 def eos_ids(tokenizer: PreTrainedTokenizerBase, model: nn.Module) -> list[int]:
@@ -111,7 +111,7 @@ def sample_and_score(
     completions: list[Any] = [
         [{"role": "assistant", "content": t}] if not isinstance(p, str) else t for p, t in zip(prompts, texts)
     ]
-    columns = {k: [r.get(k) for r in rep_rows] for k in passed_columns(rows[0])}  # all but the prompt, as in TRL
+    columns = {k: [r.get(k) for r in rep_rows] for k in rows[0]}  # the reward call passes what TRL passes
     raw = reward_fns.score(prompts, completions, comp_ids, columns)
     return ScoredRollout(rollout, prompts, completions, raw, reward_fns.combine(raw).to(device))
 

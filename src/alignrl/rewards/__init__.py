@@ -188,8 +188,8 @@ def call_with_timeout(fn: Callable[..., Any], timeout: float, *args: Any, **kwar
 
 
 def check_sampling_options(cfg: Any) -> None:
-    """Sampling options shared by the online trainers: temperature > 0, top_p in (0, 1], top_k ≥ 0, and the
-    reward-call timeout ≥ 0."""
+    """Options shared by the online trainers: temperature > 0, top_p in (0, 1], top_k ≥ 0, the reward-call timeout
+    and eval_pass_k ≥ 0."""
     if cfg.temperature <= 0:
         raise AlignRLError(f"temperature: must be > 0 for RL sampling, got {cfg.temperature}")
     if not 0 < cfg.top_p <= 1:
@@ -198,6 +198,8 @@ def check_sampling_options(cfg: Any) -> None:
         raise AlignRLError(f"top_k: must be ≥ 0 (0 = off), got {cfg.top_k}")
     if cfg.reward_timeout < 0:
         raise AlignRLError(f"reward_timeout: must be ≥ 0 seconds (0 = no limit), got {cfg.reward_timeout}")
+    if cfg.eval_pass_k < 0:
+        raise AlignRLError(f"eval_pass_k: must be ≥ 0, got {cfg.eval_pass_k}")
 
 
 @dataclass(frozen=True)
@@ -270,8 +272,10 @@ class RewardFunctions:
         columns: set[str],
         data_name: str,
         timeout: float = 0.0,
+        max_steps: int = 0,
     ):
-        """`timeout` > 0: seconds one call may take before the run stops with an error naming the function."""
+        """`timeout` > 0: seconds one call may take before the run stops with an error naming the function;
+        `max_steps`: the run's length, which reward functions see in `trainer_state`."""
         self.timeout = timeout
         if not specs:
             raise AlignRLError("reward_funcs: at least one reward function is required")
@@ -288,7 +292,7 @@ class RewardFunctions:
         self.weights = torch.tensor(list(weights) if weights else [1.0] * len(specs), dtype=torch.float32)
         self.configured = len(self.fns)  # functions added later (a length penalty) are not a reward signal
         self.unrewarded = [0, 0]  # samples scored since take_unrewarded() without a number from any of them, all
-        self.state = TrainerStateView()
+        self.state = TrainerStateView(0, max_steps)
         self._metrics: dict[str, list[float]] = {}  # log_metric values since take_logged()
         self._extra: dict[str, list[Any]] = {}  # log_extra columns since take_logged()
 

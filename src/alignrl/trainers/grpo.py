@@ -76,8 +76,6 @@ class GRPOConfig(TrainConfig):
         if self.num_iterations < 1 or self.prompts_per_step < 1 or self.max_completion_length < 1:
             raise AlignRLError("num_iterations, prompts_per_step and max_completion_length must be ≥ 1")
         check_sampling_options(self)
-        if self.eval_pass_k < 0:
-            raise AlignRLError(f"eval_pass_k: must be ≥ 0, got {self.eval_pass_k}")
         if self.micro_batch_size < 0:
             raise AlignRLError("micro_batch_size: must be ≥ 0 (0 = the whole batch at once)")
         if not 0 <= self.overlong_cache < self.max_completion_length:
@@ -86,8 +84,7 @@ class GRPOConfig(TrainConfig):
 
 def build_rewards(cfg: GRPOConfig, columns: set[str], data_name: str) -> RewardFunctions:
     """The configured reward functions plus, if asked, DAPO's soft overlong penalty (weight 1)."""
-    fns = RewardFunctions(cfg.reward_funcs, cfg.reward_weights, columns, data_name, timeout=cfg.reward_timeout)
-    fns.set_step(0, cfg.max_steps)
+    fns = RewardFunctions(cfg.reward_funcs, cfg.reward_weights, columns, data_name, cfg.reward_timeout, cfg.max_steps)
     if cfg.overlong_cache > 0:
         from alignrl.rewards.math import overlong_penalty_factory
 
@@ -216,10 +213,11 @@ def train(cfg: GRPOConfig) -> Path:
     stream = checkpoint.ReplayStream(lambda: infinite_batches(len(data), cfg.prompts_per_step, random.Random(cfg.seed)))
     first = run.register(model, tok, optimizer=opt, scheduler=sched, data=stream)
     G = cfg.num_generations
-    if eval_data is not None and first == 1:
-        evaluated, eval_samples = evaluate_online(policy, tok, eval_data, eval_fns, cfg, run.device)
-        run.metrics.log(0, evaluated)
-        run.metrics.samples(0, eval_samples)
+    if first == 1:  # the starting policy, before any update
+        evaluated, eval_samples = evaluate_online(policy, tok, eval_data, eval_fns, cfg, run.device, 0)
+        if evaluated:
+            run.metrics.log(0, evaluated)
+            run.metrics.samples(0, eval_samples)
     for step in range(first, cfg.max_steps + 1):
         timer = loop.Timer()
         loop.release_freed_memory()  # the last update's activations and gradients, before the KV cache
@@ -317,12 +315,10 @@ def train(cfg: GRPOConfig) -> Path:
         stats = {k: [dist.all_reduce(s), dist.all_reduce(w)] for k, (s, w) in stats.items()}
         metrics = _step_metrics(scored, fns, adv_all, stats, dist.all_reduce(loss_total), upd, timer, G)
         metrics.update(ds_metrics)
-        extra = loop.add_reward_logs(metrics, fns)
-        eval_samples = []
-        if eval_data is not None and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps):
-            evaluated, eval_samples = evaluate_online(policy, tok, eval_data, eval_fns, cfg, run.device)
-            metrics.update(evaluated)
-        if step % cfg.logging_steps == 0 or eval_samples:
+        extras = loop.add_reward_logs(metrics, fns, len(scored.completions))
+        evaluated, eval_samples = evaluate_online(policy, tok, eval_data, eval_fns, cfg, run.device, step)
+        metrics.update(evaluated)
+        if step % cfg.logging_steps == 0 or evaluated:
             run.metrics.log(step, metrics)
             run.metrics.samples(
                 step,
@@ -331,7 +327,7 @@ def train(cfg: GRPOConfig) -> Path:
                         "prompt": scored.prompts[i],
                         "completion": scored.completions[i],
                         "reward": float(scored.rewards[i]),
-                        **{c: v[i] for c, v in extra.items() if len(v) == len(scored.completions)},
+                        **extras[i],
                     }
                     for i in range(min(cfg.log_completions, len(scored.completions)))
                 ]

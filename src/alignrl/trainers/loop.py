@@ -431,10 +431,12 @@ def check_reward_signal(run: Run, fns: RewardFunctions) -> None:
         )
 
 
-def add_reward_logs(metrics: dict[str, Any], fns: RewardFunctions) -> dict[str, list[Any]]:
+def add_reward_logs(metrics: dict[str, Any], fns: RewardFunctions, n: int) -> list[dict[str, Any]]:
     """Merge what reward functions logged this step (TRL's `log_metric`: the mean per name) into `metrics`, where
-    the trainer's own names win, and return their `log_extra` columns. Under torchrun only names every rank
-    logged are kept (the metrics are averaged over ranks, a collective all ranks must join with the same keys)."""
+    the trainer's own names win, and return their `log_extra` columns as one dict per completion of the `n`
+    scored (columns of another length, e.g. after dynamic sampling dropped groups, are left out). Under torchrun
+    only names every rank logged are kept (the metrics are averaged over ranks, a collective all ranks must join
+    with the same keys)."""
     logged, extra = fns.take_logged()
     names = [k for k in sorted(logged) if k not in metrics]
     if dist.is_dist():
@@ -443,7 +445,8 @@ def add_reward_logs(metrics: dict[str, Any], fns: RewardFunctions) -> dict[str, 
             counts[k] = counts.get(k, 0) + 1
         names = [k for k in names if counts[k] == dist.world_size()]
     metrics.update({k: logged[k] for k in names})
-    return extra
+    columns = {c: v for c, v in extra.items() if len(v) == n}
+    return [{c: v[i] for c, v in columns.items()} for i in range(n)]
 
 
 class MetricsLogger:

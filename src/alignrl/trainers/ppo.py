@@ -118,8 +118,6 @@ class PPOConfig(TrainConfig):
                 f"prompts_per_step × num_generations = {self.batch_size} sequences"
             )
         check_sampling_options(self)
-        if self.eval_pass_k < 0:
-            raise AlignRLError(f"eval_pass_k: must be ≥ 0, got {self.eval_pass_k}")
         if not 0 < self.gamma <= 1 or not 0 <= self.lam <= 1:
             raise AlignRLError("gamma must be in (0, 1] and lam in [0, 1]")
         if self.kl_coef < 0 or self.cliprange < 0 or self.cliprange_value < 0 or self.vf_coef < 0:
@@ -297,9 +295,8 @@ def train(cfg: PPOConfig) -> Path:
     require_columns(data, ["prompt"])
     check_prompt_lengths(data, tok, cfg.max_prompt_length, cfg.max_completion_length, model)
     fns = RewardFunctions(
-        cfg.reward_funcs, cfg.reward_weights, set(data.rows[0]), cfg.train_file, timeout=cfg.reward_timeout
+        cfg.reward_funcs, cfg.reward_weights, set(data.rows[0]), cfg.train_file, cfg.reward_timeout, cfg.max_steps
     )
-    fns.set_step(0, cfg.max_steps)
     eval_data, eval_fns = eval_set(cfg)
     ref = None
     if not is_peft(model):
@@ -317,10 +314,11 @@ def train(cfg: PPOConfig) -> Path:
         cfg.max_completion_length, cfg.temperature, cfg.top_p, cfg.top_k, loop.autocast_dtype(cfg)
     )
     G, N = cfg.num_generations, cfg.batch_size
-    if eval_data is not None and first == 1:
-        evaluated, eval_samples = evaluate_online(policy, tok, eval_data, eval_fns, cfg, run.device)
-        run.metrics.log(0, evaluated)
-        run.metrics.samples(0, eval_samples)
+    if first == 1:  # the starting policy, before any update
+        evaluated, eval_samples = evaluate_online(policy, tok, eval_data, eval_fns, cfg, run.device, 0)
+        if evaluated:
+            run.metrics.log(0, evaluated)
+            run.metrics.samples(0, eval_samples)
     for step in range(first, cfg.max_steps + 1):
         timer = loop.Timer()
         idx = next(stream)
@@ -384,17 +382,15 @@ def train(cfg: PPOConfig) -> Path:
             "step_time": sum(timer.t.values()),
             **{f"time/{k}": v for k, v in timer.t.items()},
         }
-        extra = loop.add_reward_logs(metrics, fns)
-        eval_samples = []
-        if eval_data is not None and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps):
-            evaluated, eval_samples = evaluate_online(policy, tok, eval_data, eval_fns, cfg, run.device)
-            metrics.update(evaluated)
-        if step % cfg.logging_steps == 0 or eval_samples:
+        extras = loop.add_reward_logs(metrics, fns, len(scored.completions))
+        evaluated, eval_samples = evaluate_online(policy, tok, eval_data, eval_fns, cfg, run.device, step)
+        metrics.update(evaluated)
+        if step % cfg.logging_steps == 0 or evaluated:
             run.metrics.log(step, metrics)
             n = min(cfg.log_completions, len(scored.completions))
             run.metrics.samples(step, [
                 {"prompt": scored.prompts[i], "completion": scored.completions[i], "score": float(scores[i]),
-                 **{c: v[i] for c, v in extra.items() if len(v) == len(scored.completions)}}
+                 **extras[i]}
                 for i in range(n)
             ] + eval_samples)  # fmt: skip
         run.end_step(step)
