@@ -26,7 +26,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from alignrl.errors import AlignRLError
 from alignrl.logprobs import needed_span, position_ids_from_mask
-from alignrl.models import DTYPES, disable_dropout, model_load_errors, resolve_model_path, unwrap
+from alignrl.models import DTYPES, check_model_dir, disable_dropout, model_load_errors, resolve_model_path, unwrap
 
 
 def is_reward_model_dir(path: str | Path) -> bool:
@@ -74,8 +74,7 @@ class ValueModel(nn.Module):
 def load_value_model(path: str, dtype: str = "float32", device: torch.device | str = "cpu") -> ValueModel:
     """A trainable critic from a reward-model directory (head kept) or a causal LM directory (head zeroed)."""
     path = resolve_model_path(path, "value_model")
-    if not (Path(path) / "config.json").is_file():
-        raise AlignRLError(f"value_model: {path} is not a Hugging Face model directory (no config.json)")
+    check_model_dir(path, "value_model")
     from_rm = is_reward_model_dir(path)
     with model_load_errors(path, "value_model"):
         try:

@@ -269,10 +269,16 @@ def _same(a: Any, b: Any) -> bool:
 _NOT_COMPARED = frozenset({"output_dir", "resume", "overwrite_output_dir", "progress_bar", "logging_steps"})
 
 
+def load_run_tokenizer(cfg: TrainConfig) -> Any:
+    """cfg.tokenizer, else the model's own; the model path is checked first, so that a bad one is reported as
+    `model`, not as the tokenizer it defaults to."""
+    check_model_dir(cfg.model)
+    return load_tokenizer(cfg.tokenizer or cfg.model, "tokenizer" if cfg.tokenizer else "model")
+
+
 def load_policy(cfg: TrainConfig, device: torch.device, *, rl: bool) -> tuple[nn.Module, Any]:
     """Load the trainable model (optionally LoRA-wrapped) and its tokenizer; RL turns dropout off."""
-    check_model_dir(cfg.model)  # before the tokenizer, which defaults to the model's directory
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, "tokenizer" if cfg.tokenizer else "model")
+    tokenizer = load_run_tokenizer(cfg)
     model = load_causal_lm(cfg.model, cfg.dtype, device)
     if model.config._attn_implementation == "sdpa":  # SDPA, or matmuls where CPU bf16 SDPA is slow (attention.py)
         model.set_attn_implementation(TRAIN_ATTENTION)

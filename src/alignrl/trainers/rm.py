@@ -22,7 +22,7 @@ from alignrl.algos.preference import bradley_terry_loss
 from alignrl.config import TrainConfig
 from alignrl.data import PreferenceExample
 from alignrl.errors import AlignRLError
-from alignrl.models import check_model_dir, disable_dropout, enable_activation_checkpointing, load_tokenizer
+from alignrl.models import disable_dropout, enable_activation_checkpointing
 from alignrl.rewards.reward_model import load_reward_model, pad_batch, reward_scores, rm_add_eos
 from alignrl.trainers import loop
 from alignrl.trainers.dpo import load_pairs, pair_batches, pair_update
@@ -99,8 +99,7 @@ def evaluate_pairs(model: nn.Module, examples: list[PreferenceExample], pad_id: 
 
 def load_model(cfg: RMConfig, device: torch.device):
     """The reward model (trunk + score head, dropout off) and its tokenizer; LoRA trains the head fully."""
-    check_model_dir(cfg.model)
-    tok = load_tokenizer(cfg.tokenizer or cfg.model, "tokenizer" if cfg.tokenizer else "model")
+    tok = loop.load_run_tokenizer(cfg)
     model = load_reward_model(cfg.model, tok.pad_token_id, cfg.dtype, device)
     disable_dropout(model)
     if cfg.gradient_checkpointing:
