@@ -81,6 +81,9 @@ def test_pass_at_k_bounds_with_constant_rewards(tiny_model, eval_data):
     "extra, message",
     [
         (["--pass-k", "-1"], "--pass-k: must be ≥ 0"),
+        (["--batch-size", "0"], "--batch-size: must be ≥ 1"),
+        (["--limit", "-1"], "--limit: must be ≥ 0"),
+        (["--temperature", "0", "--pass-k", "2"], "--temperature: must be > 0"),
         (["--reward-funcs", "nope"], "reward_funcs: 'nope' is not a built-in"),
         (["--model", "/nonexistent"], "--model: /nonexistent does not exist"),
     ],

@@ -298,6 +298,7 @@ def test_long_prompts_are_counted_and_prompts_beyond_the_positions_refused(tiny_
         (["top_p=2"], "top_p: must be in (0, 1], got 2.0"),
         (["top_k=-1"], "top_k: must be ≥ 0"),
         (["reward_timeout=-1"], "reward_timeout: must be ≥ 0"),
+        (["eval_pass_k=-1"], "eval_pass_k: must be ≥ 0"),
     ],
 )
 def test_out_of_range_options(tiny_model, data, capsys, extra, message):
@@ -332,6 +333,11 @@ def test_init_model_rejects_bad_sizes_and_existing_outputs(data, capsys):
     assert "holds no model" in _error(capsys) and (data / "sft.jsonl").is_file()
     assert main(["init-model", "--out", str(data / "m"), "--hidden-size", "16", "--heads", "2"]) == 0
     assert main(["init-model", "--out", str(data / "m"), "--hidden-size", "16", "--heads", "2", "--overwrite"]) == 0
+
+
+def test_demo_rejects_an_unknown_model(capsys):
+    assert main(["demo", "--model", "gpt5"]) == 2
+    assert "--model: 'gpt5' is not a demo model (choose from tiny, smollm2)" in _error(capsys)
 
 
 def test_ctrl_c_during_start_up_is_one_line(monkeypatch, capsys):
