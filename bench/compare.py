@@ -106,16 +106,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--dpo-accum",
         type=size_setting,
-        default="4m=4,30m=8",
-        help="alignrl DPO micro-batches per step (bounds memory): one number, or SIZE=N pairs (sizes not named: 8)",
+        default="1",
+        help="alignrl DPO micro-batches per step: one number, or SIZE=N pairs (sizes not named: 1; the default "
+        "leaves memory to micro_batch_tokens)",
     )
     ap.add_argument("--dpo-ref-batch", type=int, default=8, help="alignrl DPO pairs per reference-pass forward")
     ap.add_argument("--libs", default="alignrl,trl")
     ap.add_argument(
         "--micro-batch",
         type=size_setting,
-        default="4m=4,30m=2",
-        help="alignrl GRPO micro_batch_size (0: whole batch): one number, or SIZE=N pairs (sizes not named: 4)",
+        default="0",
+        help="alignrl GRPO micro_batch_size (0: the trainer's default token budget): one number, or SIZE=N pairs "
+        "(sizes not named: 0)",
     )
     ap.add_argument("--no-equivalence", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in every workload (0: torch default)")
@@ -181,9 +183,9 @@ def main(argv: list[str] | None = None) -> dict:
             results["matmul_flops"][prec] = max(results["matmul_flops"][prec], matmul_flops(prec))
             row = {"size": size, "params": sum(model_params(model)[:1]), "algo": algo, "length": L, "precision": prec}
             if algo == "grpo":
-                row["alignrl_micro_batch"] = per_size(a.micro_batch, size, 4)
+                row["alignrl_micro_batch"] = per_size(a.micro_batch, size, 0)
             else:
-                row["alignrl_accum"] = per_size(a.dpo_accum, size, 8)
+                row["alignrl_accum"] = per_size(a.dpo_accum, size, 1)
             runs: dict[str, list[dict]] = {lib: [] for lib in libs}
             for rep in range(a.reps):
                 for lib in libs if rep % 2 == 0 else libs[::-1]:  # alternate which library goes first

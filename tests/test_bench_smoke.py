@@ -24,7 +24,7 @@ def test_bench_harness_one_tiny_step(tmp_path):
     if HAS_TRL:
         assert row["trl"]["step_s"] > 0 and "ratio_step" in row
         assert res["equivalence"]["grpo"]["abs_diff"] <= 1e-4
-    assert row["alignrl_micro_batch"] == 4  # "tiny" is not named in the default --micro-batch
+    assert row["alignrl_micro_batch"] == 0  # the trainer's default: micro-batches by micro_batch_tokens
 
 
 def test_per_size_settings(capsys):

@@ -89,7 +89,7 @@ def test_rm_learns_and_saved_model_loads_with_transformers(tiny_model, tmp_path)
     )
 
     # the saved directory is a reward function, mixed with a python one by weight
-    scorer = RewardModelScorer(str(final), device="cpu", batch_size=3)
+    scorer = RewardModelScorer(str(final), device="cpu", batch_tokens=12)  # several batches
     prompts, comps = ["1+2=", "3+4=", "5+5=", "1+2="], ["3", "7", "10", "4"]
     got = scorer(prompts, comps, [[0]] * 4)
     seqs = [encode(tok, p + c) + [tok.eos_token_id] for p, c in zip(prompts, comps)]

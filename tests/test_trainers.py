@@ -232,14 +232,6 @@ print(before, rss())
     assert before - after > 120, (before, after)
 
 
-def test_length_grouped_sorts_rows_into_micro_batches():
-    from alignrl.trainers import loop
-
-    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]])
-    groups = loop.length_grouped(mask, 2)
-    assert [g.tolist() for g in groups] == [[1, 3], [4, 0], [2]]  # by length, ties in batch order
-
-
 def test_grpo_micro_batches_of_trimmed_similar_lengths_make_the_whole_batch_update(tiny_model, tmp_path):
     """Micro-batches group sequences by completion length and each runs only as wide as it needs; with the
     global normalisers the step's loss and gradient norm equal one whole-batch pass (same rollouts: the

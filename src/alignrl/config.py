@@ -56,6 +56,9 @@ class TrainConfig:
     logprob_chunk_tokens: int = 4096  # tokens per lm-head chunk; bounds the [tokens, vocab] float32 buffer
     # recompute each decoder layer's activations in backward: far less activation memory, ~1 more forward per update
     gradient_checkpointing: bool = False
+    # padded tokens (prompt included) per forward/backward in the update, reference, critic and pair passes;
+    # None: 4096, raised to one sequence of the longest length the options allow; 0: no limit (whole batch at once)
+    micro_batch_tokens: int | None = None
     # logging
     logging_steps: int = 1
     eval_steps: int = 0  # 0: evaluate only at the end
@@ -89,6 +92,7 @@ class TrainConfig:
             "lora_alpha": (self.lora_alpha > 0, "must be > 0"),
             "lora_dropout": (0 <= self.lora_dropout < 1, "must be in [0, 1)"),
             "logprob_chunk_tokens": (self.logprob_chunk_tokens >= 1, "must be ≥ 1"),
+            "micro_batch_tokens": ((self.micro_batch_tokens or 0) >= 0, "must be ≥ 0 (0: no limit)"),
             "logging_steps": (self.logging_steps >= 1, "must be ≥ 1"),
             "eval_steps": (self.eval_steps >= 0, "must be ≥ 0"),
             "save_steps": (self.save_steps >= 0, "must be ≥ 0"),

@@ -168,6 +168,29 @@ def tokenize_sft(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, where:
     return SFTExample(p + c, [0] * len(p) + [1] * len(c))
 
 
+# Default token budget of one forward/backward (micro_batch_tokens): padded tokens, prompt included. On 2 CPU
+# cores a step is no faster once a pass holds ~2k tokens; 4096 keeps small work in one pass and a 135M model's
+# full fine-tune under a few GB of activations (BENCHMARKS.md, "Micro-batches").
+MICRO_BATCH_TOKENS = 4096
+
+
+def split_by_tokens(
+    lengths: Sequence[int], budget: int, max_items: int = 0, rows_per_item: int = 1
+) -> list[list[int]]:
+    """Indices sorted by length (ties in order), cut into micro-batches of at most `max_items` items (0: any) whose
+    padded size rows_per_item × items × longest stays ≤ `budget` tokens (0: any)."""
+    out: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        width = rows_per_item * lengths[i]  # ascending: the newest item is the widest of its micro-batch
+        if budget and width > budget:
+            raise AlignRLError(f"micro_batch_tokens: {budget} is less than one item of {width} tokens; raise it")
+        if not out or (max_items and len(out[-1]) >= max_items) or (budget and width * (len(out[-1]) + 1) > budget):
+            out.append([i])
+        else:
+            out[-1].append(i)
+    return out
+
+
 def length_grouped_batches(
     lengths: Sequence[int], batch_size: int, rng: random.Random, mega: int = 50
 ) -> list[list[int]]:

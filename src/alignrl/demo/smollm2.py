@@ -59,7 +59,7 @@ def run(out: str, seed: int = 0, quick: bool = False) -> list[tuple[str, str]]:
         "overwrite_output_dir=true", f"seed={seed}", "reward_funcs=[gsm8k]", "lora_r=16", "lora_alpha=32",
         "lora_target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]", "learning_rate=2e-4",
         "prompts_per_step=8", "num_generations=8", "max_completion_length=16", "temperature=1.0", "beta=0.0",
-        "autocast=bfloat16", "micro_batch_size=16", f"max_steps={2 if quick else STEPS}", "logging_steps=1",
+        "autocast=bfloat16", f"max_steps={2 if quick else STEPS}", "logging_steps=1",
     ])  # fmt: skip
     final = str(grpo.train(cfg))
     log("held-out accuracy after training")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
-from alignrl.data import encode_completion
+from alignrl.data import MICRO_BATCH_TOKENS, encode_completion, split_by_tokens
 from alignrl.errors import AlignRLError
 from alignrl.logprobs import position_ids_from_mask
 from alignrl.models import (
@@ -94,15 +94,16 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device |
 
 
 class RewardModelScorer:
-    """A saved reward model as a reward function with TRL's signature: scores prompt + completion in batches
-    (sorted by length) under torch.inference_mode, tokenized exactly as in reward-model training."""
+    """A saved reward model as a reward function with TRL's signature: scores prompt + completion in batches of
+    similar lengths within `batch_tokens` padded tokens (raised to fit the longest sequence) under
+    torch.inference_mode, tokenized exactly as in reward-model training."""
 
     def __init__(
         self,
         path: str,
         device: str = "auto",
         dtype: str = "float32",
-        batch_size: int = 64,
+        batch_tokens: int = MICRO_BATCH_TOKENS,
         max_length: int | None = None,
     ):
         self.path = path
@@ -112,7 +113,7 @@ class RewardModelScorer:
             path, self.tokenizer.pad_token_id, dtype, self.device, trained_head=True, option="reward_funcs"
         ).eval()
         self.model.requires_grad_(False)
-        self.batch_size = batch_size
+        self.batch_tokens = batch_tokens
         self.max_length = max_length or getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
         self.add_eos = rm_add_eos(self.tokenizer)
         self.__name__ = self.name_for(path)
@@ -129,10 +130,9 @@ class RewardModelScorer:
 
     @torch.inference_mode()
     def score_ids(self, seqs: Sequence[Sequence[int]]) -> list[float]:
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        lengths = [len(s) for s in seqs]
         out = [0.0] * len(seqs)
-        for s in range(0, len(order), self.batch_size):
-            chunk = order[s : s + self.batch_size]
+        for chunk in split_by_tokens(lengths, max([self.batch_tokens, *lengths])):
             ids, mask = pad_batch([seqs[i] for i in chunk], self.tokenizer.pad_token_id, self.device)
             for i, v in zip(chunk, reward_scores(self.model, ids, mask).tolist()):
                 out[i] = v

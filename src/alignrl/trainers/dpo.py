@@ -45,6 +45,7 @@ class DPOConfig(TrainConfig):
         super().validate()
         if self.batch_size < 1 or self.eval_batch_size < 1 or self.max_length < 2:
             raise AlignRLError("batch_size and eval_batch_size must be ≥ 1 and max_length ≥ 2")
+        loop.check_token_budget(self, 2 * self.max_length, "chosen + rejected pair (2 × max_length)")
         if self.ref_model and self.loss_type in REFERENCE_FREE_LOSSES:
             raise AlignRLError(f"ref_model: loss_type {self.loss_type!r} is reference-free; remove ref_model")
         one = torch.zeros(1)  # the loss checks beta, label_smoothing and their combination with loss_type
@@ -196,13 +197,19 @@ def pair_update(
     """One optimizer update over accumulated micro-batches of pairs (shared by DPO and reward-model training).
 
     `pair_step(part) -> (loss summed over the pairs, stat sums)`; the loss is the mean over all pairs of the
-    accumulated global batch: each rank takes its share of every micro-batch, gradients sync on the last one.
+    accumulated global batch: each rank takes its share of every micro-batch, split further to stay within the
+    token budget (micro_batch_tokens), and gradients sync on the last part.
     Returns the logged means of `stat_keys` (all-reduced) and the optimizer-step metrics."""
     n_total = sum(len(b) for b in micro)
+    budget = loop.token_budget(cfg, 2 * cfg.max_length)
+    parts: list[tuple[list[PreferenceExample], float]] = []
+    for b in micro:
+        share, w = dist.local_part(b)  # this rank's pairs of the global micro-batch
+        for idx in loop.token_micro_batches([e.length for e in share], budget, rows_per_item=2):
+            parts.append(([share[i] for i in idx], w) if idx else (share[:1], 0.0))
     acc: dict[str, float] = {}
-    for i, b in enumerate(micro):
-        part, w = dist.local_part(b)  # this rank's pairs of the global micro-batch
-        with dist.grad_sync(policy, i == len(micro) - 1):
+    for i, (part, w) in enumerate(parts):
+        with dist.grad_sync(policy, i == len(parts) - 1):
             loss_sum, stats = pair_step(part)
             (loss_sum * (w * dist.grad_scale() / n_total)).backward()
         if w:

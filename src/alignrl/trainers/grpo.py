@@ -55,7 +55,7 @@ class GRPOConfig(TrainConfig):
     beta: float = 0.0  # KL coefficient; 0 loads no reference model
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     num_iterations: int = 1  # policy updates per rollout batch
-    micro_batch_size: int = 4  # sequences per forward/backward in the update and reference pass; 0 = all at once
+    micro_batch_size: int = 0  # > 0: sequences per forward/backward (overrides micro_batch_tokens); 0: by tokens
     mask_truncated_completions: bool = False
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, resample to refill
     dynamic_sampling_max_rounds: int = 4
@@ -71,13 +71,14 @@ class GRPOConfig(TrainConfig):
             raise AlignRLError("num_generations: must be ≥ 2 (advantages are relative to the group)")
         if self.gradient_accumulation_steps != 1:
             raise AlignRLError(
-                "gradient_accumulation_steps: GRPO splits each batch with micro_batch_size instead"
+                "gradient_accumulation_steps: GRPO splits batches by micro_batch_tokens / micro_batch_size instead"
             )
         if self.num_iterations < 1 or self.prompts_per_step < 1 or self.max_completion_length < 1:
             raise AlignRLError("num_iterations, prompts_per_step and max_completion_length must be ≥ 1")
         check_sampling_options(self)
         if self.micro_batch_size < 0:
-            raise AlignRLError("micro_batch_size: must be ≥ 0 (0 = the whole batch at once)")
+            raise AlignRLError("micro_batch_size: must be ≥ 0 (0: split by micro_batch_tokens)")
+        loop.check_token_budget(self, self.max_prompt_length + self.max_completion_length, "prompt + completion")
         if not 0 <= self.overlong_cache < self.max_completion_length:
             raise AlignRLError("overlong_cache: must be in [0, max_completion_length)")
 
@@ -243,15 +244,16 @@ def train(cfg: GRPOConfig) -> Path:
         n = ids.shape[0]
         # micro-batches of similar-length sequences, each run only as wide as its longest (logprobs.needed_span);
         # the loss normalisers are global, so how the batch is split does not change the update
-        micro = loop.length_grouped(ro.completion_mask, cfg.micro_batch_size or n)
+        lengths = P + ro.completion_mask.sum(1)
+        micro = loop.rollout_micro_batches(torch.arange(n, device=ids.device), lengths, cfg)
         ref_logp = None
         if cfg.beta > 0:
             with timer("reference"), torch.no_grad(), loop.autocast(cfg, run.device):
                 ctx = adapter_disabled(model) if ref is None else contextlib.nullcontext()
                 with ctx:
                     ref_logp = torch.zeros(ro.completion_mask.shape, device=ids.device)
-                    for sel in micro:
-                        ref_logp[sel] = dist.logprobs(
+                    for sel, w in micro:
+                        logp = dist.logprobs(
                             ref or policy,
                             ids[sel],
                             attn[sel],
@@ -260,6 +262,8 @@ def train(cfg: GRPOConfig) -> Path:
                             temperature=cfg.temperature,
                             chunk_tokens=cfg.logprob_chunk_tokens,
                         )[0]
+                        if w:
+                            ref_logp[sel] = logp
         # global normalisers, so that summing micro-batch losses equals the full-batch loss
         norms = {
             "num_tokens": dist.all_reduce(mask.sum()).clamp(min=1),
@@ -270,7 +274,7 @@ def train(cfg: GRPOConfig) -> Path:
         with timer("update"):
             for it in range(cfg.num_iterations):
                 loss_total = 0.0
-                for j, sel in enumerate(micro):
+                for j, (sel, w) in enumerate(micro):
                     last = j == len(micro) - 1
                     m = mask[sel]
                     # DDP reads the sync flag in forward, FSDP in backward: both run inside grad_sync
@@ -297,10 +301,13 @@ def train(cfg: GRPOConfig) -> Path:
                     if ref_logp is not None:
                         kl = kl_estimate(logp, ref_logp[sel], cfg.kl_estimator)
                         per_tok = per_tok + cfg.beta * kl
-                        _add(stats, "kl", masked_mean(kl.detach(), m), m.sum())
+                        if w:
+                            _add(stats, "kl", masked_mean(kl.detach(), m), m.sum())
                     loss = aggregate_loss(per_tok, m, cfg.loss_aggregation, **norms)
                     with dist.grad_sync(policy, last):  # synchronise once, on the last micro-batch
-                        (loss * dist.grad_scale()).backward()
+                        (loss * (w * dist.grad_scale())).backward()
+                    if not w:
+                        continue
                     loss_total += float(loss.detach())
                     for k in ("is_low_clipped", "is_high_clipped", "is_clipped"):
                         _add(stats, f"clip/{k[3:]}", masked_mean(st[k], m), m.sum())

@@ -11,6 +11,7 @@ import random
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from alignrl import checkpoint, rundir
 from alignrl import distributed as dist
 from alignrl.attention import TRAIN_ATTENTION
 from alignrl.config import TrainConfig, algorithm_of, save_config
+from alignrl.data import MICRO_BATCH_TOKENS, split_by_tokens
 from alignrl.errors import AlignRLError
 from alignrl.mlp import use_lean_mlp
 from alignrl.models import (
@@ -58,15 +60,41 @@ def release_freed_memory() -> None:
         _MALLOC_TRIM(0)
 
 
-def by_length(mask: torch.Tensor) -> torch.Tensor:
-    """Row indices sorted by length (`mask` [N, T] row sums), ties in batch order: consecutive rows then share a
-    micro-batch that runs only as wide as its longest row (`logprobs.needed_span`)."""
-    return mask.sum(1).argsort(stable=True)
+def token_budget(cfg: TrainConfig, longest: int) -> int:
+    """The run's padded-token budget per forward/backward: `micro_batch_tokens` as set (0: no limit), else the
+    default raised to `longest` (the widest item the options allow) so that one item always fits."""
+    if cfg.micro_batch_tokens is not None:
+        return cfg.micro_batch_tokens
+    return max(MICRO_BATCH_TOKENS, longest)
 
 
-def length_grouped(mask: torch.Tensor, size: int) -> list[torch.Tensor]:
-    """Row indices of a batch in micro-batches of `size`, rows sorted by length (`by_length`)."""
-    return list(by_length(mask).split(size))
+def check_token_budget(cfg: TrainConfig, longest: int, what: str) -> None:
+    """Config check: an explicit budget must hold the widest `what` the options allow (`longest` tokens)."""
+    if cfg.micro_batch_tokens and cfg.micro_batch_tokens < longest:
+        raise AlignRLError(
+            f"micro_batch_tokens: {cfg.micro_batch_tokens} is less than one {what} of up to {longest} tokens; "
+            f"raise it to ≥ {longest}, or 0 for no limit"
+        )
+
+
+def token_micro_batches(
+    lengths: Sequence[int], budget: int, max_items: int = 0, rows_per_item: int = 1
+) -> list[list[int]]:
+    """`data.split_by_tokens`, padded under torchrun with empty micro-batches to the same count on every rank
+    (each forward is a collective under FSDP)."""
+    out = split_by_tokens(lengths, budget, max_items, rows_per_item)
+    n = dist.all_reduce(len(out), "max")
+    return out + [[] for _ in range(n - len(out))]
+
+
+def rollout_micro_batches(rows: torch.Tensor, lengths: torch.Tensor, cfg: Any) -> list[tuple[torch.Tensor, float]]:
+    """Rollout `rows` (batch row indices, `lengths` their widths in tokens) in micro-batches of similar lengths:
+    of `cfg.micro_batch_size` rows if set, else within the token budget; each with its loss weight. A micro-batch
+    a rank lacks (torchrun: fewer than another rank's) runs batch row 0 with weight 0."""
+    size, longest = cfg.micro_batch_size, cfg.max_prompt_length + cfg.max_completion_length
+    parts = token_micro_batches(lengths.tolist(), 0 if size else token_budget(cfg, longest), size)
+    dummy = torch.zeros(1, dtype=torch.long, device=rows.device)
+    return [(rows[torch.tensor(p, dtype=torch.long, device=rows.device)], 1.0) if p else (dummy, 0.0) for p in parts]
 
 
 def set_seed(seed: int) -> None:

@@ -84,7 +84,7 @@ class PPOConfig(TrainConfig):
     # updates
     num_ppo_epochs: int = 4  # passes over each rollout batch
     num_mini_batches: int = 1  # optimizer steps per pass (the batch is split into this many shuffled parts)
-    micro_batch_size: int = 4  # sequences per forward/backward inside a minibatch; 0 = the whole minibatch
+    micro_batch_size: int = 0  # > 0: sequences per forward/backward (overrides micro_batch_tokens); 0: by tokens
     cliprange: float = 0.2  # ε of the clipped policy loss
     cliprange_value: float = 0.2  # c_v of the clipped value loss
     dual_clip: float | None = None  # c > 1 caps the loss of negative-advantage tokens (typically 3)
@@ -105,13 +105,16 @@ class PPOConfig(TrainConfig):
         if not self.reward_funcs:
             raise AlignRLError("reward_funcs: give at least one reward model directory or reward function")
         if self.gradient_accumulation_steps != 1:
-            raise AlignRLError("gradient_accumulation_steps: PPO splits each minibatch with micro_batch_size instead")
+            raise AlignRLError(
+                "gradient_accumulation_steps: PPO splits minibatches by micro_batch_tokens / micro_batch_size instead"
+            )
         for name in ("prompts_per_step", "num_generations", "max_completion_length", "num_ppo_epochs",
                      "num_mini_batches", "max_prompt_length"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise AlignRLError(f"{name}: must be ≥ 1")
         if self.micro_batch_size < 0:
-            raise AlignRLError("micro_batch_size: must be ≥ 0")
+            raise AlignRLError("micro_batch_size: must be ≥ 0 (0: split by micro_batch_tokens)")
+        loop.check_token_budget(self, self.max_prompt_length + self.max_completion_length, "prompt + completion")
         if self.batch_size % self.num_mini_batches:
             raise AlignRLError(
                 f"num_mini_batches: {self.num_mini_batches} does not divide the batch of "
@@ -340,14 +343,22 @@ def train(cfg: PPOConfig) -> Path:
         scores = scored.rewards.float()
         if cfg.missing_eos_penalty is not None:
             scores = scores - cfg.missing_eos_penalty * ro.truncated.float()
+        micro = loop.rollout_micro_batches(torch.arange(len(ids), device=ids.device), P + mask.sum(1), cfg)
+        ref_logp, old_values = torch.zeros_like(mask), torch.zeros_like(mask)
         with torch.no_grad(), loop.autocast(cfg, run.device):
             with timer("reference"), adapter_disabled(model) if ref is None else contextlib.nullcontext():
-                ref_logp, _ = dist.logprobs(
-                    ref or policy, ids, attn, ro.completion_mask, start=P, temperature=cfg.temperature,
-                    chunk_tokens=cfg.logprob_chunk_tokens,
-                )  # fmt: skip
+                for sel, w in micro:
+                    logp, _ = dist.logprobs(
+                        ref or policy, ids[sel], attn[sel], ro.completion_mask[sel], start=P,
+                        temperature=cfg.temperature, chunk_tokens=cfg.logprob_chunk_tokens,
+                    )  # fmt: skip
+                    if w:
+                        ref_logp[sel] = logp
             with timer("values"):
-                old_values = critic.values(policy, ids, attn, P, mask) * mask
+                for sel, w in micro:
+                    values = critic.values(policy, ids[sel], attn[sel], P, mask[sel]) * mask[sel]
+                    if w:
+                        old_values[sel] = values
         kl = kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * mask
         beta = kl_ctl.value
         rewards = token_rewards(scores, kl, mask, beta)
@@ -435,13 +446,12 @@ def ppo_update(
 
     The shuffles are permutations of the GLOBAL batch, the same on every rank (a generator keyed by `seed` and the
     epoch); each rank runs its own rows of each minibatch and normalises by the minibatch's global token count,
-    so N ranks make the single-process update. `micro_batch_size` is per rank."""
+    so N ranks make the single-process update. Micro-batches (micro_batch_tokens / micro_batch_size) are per rank."""
     ids, attn, P, mask = b.input_ids, b.attention_mask, b.prompt_len, b.mask
     n = ids.shape[0]
     N = cfg.batch_size if dist.is_dist() else n
     lo = dist.shard_bounds(N, cfg.num_generations)[0] if dist.is_dist() else 0
     mb = N // cfg.num_mini_batches
-    micro = cfg.micro_batch_size or mb
     sums: dict[str, list[float]] = {}
     first: dict[str, float] = {}
     upd: dict[str, float] = {}
@@ -451,15 +461,11 @@ def ppo_update(
         for k in range(cfg.num_mini_batches):
             glob = order[k * mb : (k + 1) * mb]
             local = (glob[(glob >= lo) & (glob < lo + n)] - lo).to(ids.device)  # this rank's rows of it
-            local = local[loop.by_length(mask[local])]  # similar lengths share a micro-batch (a shorter one)
             n_tok = dist.all_reduce(mask[local].sum()).clamp(min=1)
-            n_micro = dist.all_reduce(-(-len(local) // micro), "max")  # same number of forwards on every rank
-            for j in range(n_micro):
-                sel, weight = local[j * micro : (j + 1) * micro], 1.0
-                if len(sel) == 0:  # nothing left here: one row with weight 0 keeps the collectives in step
-                    sel, weight = torch.zeros(1, dtype=torch.long, device=ids.device), 0.0
+            micro = loop.rollout_micro_batches(local, P + mask[local].sum(1), cfg)
+            for j, (sel, weight) in enumerate(micro):
                 m = mask[sel]
-                last = j == n_micro - 1
+                last = j == len(micro) - 1
                 with dist.grad_sync(policy, last), dist.grad_sync(critic.wrapped, last):
                     with loop.autocast(cfg, device), captured_hidden(model) as hidden:
                         logp, ent = dist.logprobs(

@@ -44,6 +44,7 @@ class RMConfig(TrainConfig):
         super().validate()
         if self.batch_size < 1 or self.eval_batch_size < 1 or self.max_length < 2:
             raise AlignRLError("batch_size and eval_batch_size must be ≥ 1 and max_length ≥ 2")
+        loop.check_token_budget(self, 2 * self.max_length, "chosen + rejected pair (2 × max_length)")
         if self.center_rewards_coefficient < 0:
             raise AlignRLError("center_rewards_coefficient: must be ≥ 0")
 

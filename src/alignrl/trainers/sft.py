@@ -33,6 +33,7 @@ class SFTConfig(TrainConfig):
         super().validate()
         if self.batch_size < 1 or self.max_length < 2:
             raise AlignRLError("batch_size must be ≥ 1 and max_length ≥ 2")
+        loop.check_token_budget(self, self.max_length, "sequence (max_length)")
 
 
 def collate(batch: Sequence[SFTExample], pad_id: int, device: torch.device):
@@ -125,12 +126,17 @@ def train(cfg: SFTConfig) -> Path:
         t0 = time.perf_counter()
         micro = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
         # token-mean over the whole accumulated (global) batch: each micro-batch divides by the global count;
-        # each rank takes its share of every micro-batch, gradients are synchronised on the last one
+        # each rank takes its share of every micro-batch, split to the token budget; gradients sync on the last part
         n_total = sum(sum(sum(e.loss_mask[1:]) for e in b) for b in micro)
+        budget = loop.token_budget(cfg, cfg.max_length)
+        parts: list[tuple[list[SFTExample], float]] = []
+        for b in micro:
+            share, w = dist.local_part(b)
+            for idx in loop.token_micro_batches([len(e.input_ids) for e in share], budget):
+                parts.append(([share[i] for i in idx], w) if idx else (share[:1], 0.0))
         total = 0.0
-        for i, b in enumerate(micro):
-            part, w = dist.local_part(b)
-            with dist.grad_sync(policy, i == len(micro) - 1):
+        for i, (part, w) in enumerate(parts):
+            with dist.grad_sync(policy, i == len(parts) - 1):
                 loss, _ = nll_sum(policy, part, pad, run.device, cfg)
                 (loss * (w * dist.grad_scale() / n_total)).backward()
             total += w * float(loss.detach())

@@ -1,0 +1,146 @@
+"""Token-budget micro-batches (micro_batch_tokens): the split keeps padded tokens per pass within the budget, and
+for every trainer a step split into several passes makes the same update as one whole-batch pass."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from alignrl.config import load_config
+from alignrl.data import MICRO_BATCH_TOKENS, split_by_tokens, write_jsonl
+from alignrl.errors import AlignRLError
+from alignrl.trainers import dpo, grpo, loop, ppo, rm
+
+
+def test_split_by_tokens_keeps_each_micro_batch_within_the_budget():
+    lengths = [5, 3, 9, 3, 7, 1, 9, 2]
+    parts = split_by_tokens(lengths, budget=18)
+    assert sorted(i for p in parts for i in p) == list(range(len(lengths)))
+    flat = [i for p in parts for i in p]
+    assert [lengths[i] for i in flat] == sorted(lengths)  # by length, ties in order
+    assert flat.index(1) < flat.index(3) and flat.index(2) < flat.index(6)
+    for p in parts:
+        assert len(p) * max(lengths[i] for i in p) <= 18
+    # greedy: a micro-batch is only closed when the next item would not fit
+    assert [[lengths[i] for i in p] for p in parts] == [[1, 2, 3, 3], [5, 7], [9, 9]]
+    assert split_by_tokens(lengths, budget=0) == [sorted(range(8), key=lambda i: lengths[i])]
+    assert [len(p) for p in split_by_tokens(lengths, budget=0, max_items=3)] == [3, 3, 2]
+    assert [len(p) for p in split_by_tokens(lengths, budget=36, rows_per_item=2)] == [4, 2, 2]  # pairs: 2 rows each
+    with pytest.raises(AlignRLError, match="micro_batch_tokens: 8 is less than one item of 9 tokens"):
+        split_by_tokens(lengths, budget=8)
+
+
+def test_default_budget_fits_the_longest_sequence_the_options_allow():
+    cfg = grpo.GRPOConfig(model="m")
+    assert loop.token_budget(cfg, 768) == MICRO_BATCH_TOKENS
+    assert loop.token_budget(cfg, 10_000) == 10_000  # long completions: one sequence per pass at least
+    cfg.micro_batch_tokens = 0
+    assert loop.token_budget(cfg, 10_000) == 0  # no limit
+
+
+@pytest.mark.parametrize(
+    ("config", "overrides", "message"),
+    [
+        (grpo.GRPOConfig, ["max_prompt_length=100", "max_completion_length=50", "micro_batch_tokens=120"],
+         r"micro_batch_tokens: 120 is less than one prompt \+ completion of up to 150 tokens; raise it to ≥ 150"),
+        (ppo.PPOConfig, ["reward_funcs=[x]", "micro_batch_tokens=100"], "micro_batch_tokens: 100 is less than one"),
+        (dpo.DPOConfig, ["max_length=64", "micro_batch_tokens=100"],
+         r"micro_batch_tokens: 100 is less than one chosen \+ rejected pair \(2 × max_length\) of up to 128"),
+        (rm.RMConfig, ["max_length=64", "micro_batch_tokens=127"], "micro_batch_tokens: 127 is less than one"),
+        (grpo.GRPOConfig, ["micro_batch_tokens=-1"], r"micro_batch_tokens: must be ≥ 0 \(0: no limit\), got -1"),
+    ],
+)  # fmt: skip
+def test_a_budget_too_small_for_one_sequence_is_a_clear_error(config, overrides, message):
+    with pytest.raises(AlignRLError, match=message):
+        load_config(config, None, ["model=m", *overrides])
+
+
+@pytest.fixture
+def passes(monkeypatch):
+    """Counts the micro-batches of every split a trainer makes."""
+    counts: list[int] = []
+    real = loop.token_micro_batches
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        counts.append(len(out))
+        return out
+
+    monkeypatch.setattr(loop, "token_micro_batches", spy)
+    return counts
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _same_update(tmp_path, train, make_cfg, budget, passes, keys, weights=("final/model.safetensors",)):
+    """Train once with no budget and once with `budget`; the metrics in `keys` and the saved weights agree."""
+    runs = []
+    for name, tokens in (("whole", 0), ("split", budget)):
+        passes.clear()
+        train(make_cfg(tmp_path / name, f"micro_batch_tokens={tokens}"))
+        runs.append((_metrics(tmp_path / name)[-1], [load_file(str(tmp_path / name / w)) for w in weights]))
+        assert max(passes) == 1 if tokens == 0 else max(passes) > 2, (name, passes)
+    (whole, w_whole), (split, w_split) = runs
+    for key in keys:
+        assert split[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-6), key
+    for a, b in zip(w_whole, w_split):
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+def test_grpo_token_budget_makes_the_whole_batch_update(tiny_model, tmp_path, passes):
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(5) for b in range(5)]
+    write_jsonl(tmp_path / "rl.jsonl", rows)
+    (tmp_path / "r.py").write_text("def short(completions, **kw):\n    return [-float(len(c)) for c in completions]\n")
+
+    def cfg(out, *extra):
+        return load_config(grpo.GRPOConfig, None, [
+            f"model={tiny_model}", f"train_file={tmp_path / 'rl.jsonl'}", f"output_dir={out}", "prompts_per_step=4",
+            "num_generations=4", "max_completion_length=12", "max_prompt_length=8", "max_steps=1", "beta=0.04",
+            "learning_rate=1e-3", f"reward_funcs=[{tmp_path / 'r.py'}:short]", "progress_bar=false", *extra,
+        ])  # fmt: skip
+
+    _same_update(tmp_path, grpo.train, cfg, 40, passes, ("loss", "grad_norm", "kl", "entropy", "clip/clipped"))
+    assert 0 < _metrics(tmp_path / "whole")[-1]["truncation_rate"] < 1  # lengths differ: the split is uneven
+
+
+def test_ppo_token_budget_makes_the_whole_batch_update_of_policy_and_critic(tiny_model, tmp_path, passes):
+    write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"{a}+{a}="} for a in range(40)])
+    (tmp_path / "r.py").write_text("def digits(completions, **kw):\n"
+                                   "    return [sum(c.isdigit() for c in t) / max(len(t), 1) for t in completions]\n")
+
+    def cfg(out, *extra):
+        return load_config(ppo.PPOConfig, None, [
+            f"model={tiny_model}", f"train_file={tmp_path / 'p.jsonl'}", f"output_dir={out}", "max_steps=1",
+            "prompts_per_step=4", "num_generations=2", "max_completion_length=8", "max_prompt_length=8",
+            "num_mini_batches=2", "num_ppo_epochs=2", "learning_rate=1e-3", "missing_eos_penalty=0.0",
+            f"reward_funcs=[{tmp_path / 'r.py'}:digits]", "progress_bar=false", *extra,
+        ])  # fmt: skip
+
+    keys = ("loss/policy_avg", "loss/value_avg", "policy/approxkl_avg", "val/clipfrac_avg", "objective/kl",
+            "values/mean", "grad_norm")  # fmt: skip
+    _same_update(tmp_path, ppo.train, cfg, 24, passes, keys,
+                 weights=("final/model.safetensors", "value_model/model.safetensors"))  # fmt: skip
+
+
+def _pair_cfg(config, tiny_model, tmp_path, *options):
+    """A DPO / RM config maker on preference pairs of uneven lengths (one step, max_length 16)."""
+    rows = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1) + "0" * (a % 4)}
+            for a in range(8) for b in range(4)]  # fmt: skip
+    write_jsonl(tmp_path / "pairs.jsonl", rows)
+    common = [f"model={tiny_model}", f"train_file={tmp_path / 'pairs.jsonl'}", "max_length=16", "max_steps=1",
+              "learning_rate=1e-3", "progress_bar=false", *options]  # fmt: skip
+    return lambda out, *extra: load_config(config, None, [*common, f"output_dir={out}", *extra])
+
+
+def test_dpo_token_budget_makes_the_whole_batch_update(tiny_model, tmp_path, passes):
+    cfg = _pair_cfg(dpo.DPOConfig, tiny_model, tmp_path, "batch_size=8", "gradient_accumulation_steps=2")
+    _same_update(tmp_path, dpo.train, cfg, 64, passes, ("loss", "grad_norm", "rewards/margins", "rewards/accuracies"))
+
+
+def test_rm_token_budget_makes_the_whole_batch_update(tiny_model, tmp_path, passes):
+    cfg = _pair_cfg(rm.RMConfig, tiny_model, tmp_path, "batch_size=16", "center_rewards_coefficient=0.01")
+    _same_update(tmp_path, rm.train, cfg, 64, passes, ("loss", "grad_norm", "accuracy"))
