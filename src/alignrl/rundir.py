@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from alignrl import trackers
 from alignrl.checkpoint import CHECKPOINT_DIR, latest_checkpoint
 from alignrl.errors import AlignRLError
 
@@ -32,7 +33,7 @@ C = TypeVar("C")
 LOCK_FILE = ".alignrl.lock"
 RUN_INFO = "alignrl_run.json"
 _DEBRIS = (".final.tmp-*", ".final.old-*", ".checkpoint-*.tmp-*", ".checkpoint-*.old-*")
-_RUN_FILES = ("metrics.jsonl", "samples.jsonl", "config.yaml", RUN_INFO)
+_RUN_FILES = ("metrics.jsonl", "samples.jsonl", "config.yaml", RUN_INFO, trackers.IDS_FILE)
 
 _held: dict[str, int] = {}  # resolved output_dir -> lock file descriptor held by this process
 
@@ -79,12 +80,16 @@ def lock(out: Path) -> None:
 
 def releases_output_dir(train: Callable[[C], Path]) -> Callable[[C], Path]:
     """Decorator for a trainer's `train(cfg)`: the output_dir lock is released when it returns or raises (an
-    interactive session that caught the error can then start another run there)."""
+    interactive session that caught the error can then start another run there); the experiment trackers the run
+    left open when it raised are flushed and closed (marked failed)."""
 
     @functools.wraps(train)
     def wrapper(cfg: C) -> Path:
         try:
             return train(cfg)
+        except BaseException:
+            trackers.close_open(Path(cfg.output_dir), failed=True)  # type: ignore[attr-defined]
+            raise
         finally:
             unlock(Path(cfg.output_dir))  # type: ignore[attr-defined]
 

@@ -21,7 +21,7 @@ import torch
 import yaml
 from torch import nn
 
-from alignrl import checkpoint, rundir
+from alignrl import checkpoint, rundir, trackers
 from alignrl import distributed as dist
 from alignrl.attention import TRAIN_ATTENTION
 from alignrl.config import TrainConfig, algorithm_of, save_config
@@ -219,16 +219,21 @@ def start_run(cfg: TrainConfig) -> Run:
     device = dist.init(cfg.distributed, cfg.device)  # torchrun: join the process group; this rank's device
     out = Path(cfg.output_dir)
     algorithm = algorithm_of(cfg)
-    resume_from, keep, refusal = None, None, None
+    trackers.check_installed(cfg.report_to)  # a missing tracker library stops the run before it touches `out`
+    resume_from, keep, refusal, tracking = None, None, None, None
     if dist.is_main():  # rank 0 owns the directory; the others wait for its decisions
         try:
             resume_from, keep = _claim_output_dir(cfg, out, algorithm)
+            config = {"algorithm": algorithm, **dataclasses.asdict(cfg)}
+            tracking = trackers.start(cfg.report_to, out, config, keep)  # rank 0 alone reports (report_to)
         except AlignRLError as e:  # every rank stops with the same line instead of waiting for rank 0
             refusal = str(e)
     resume_from, keep, refusal = dist.broadcast_object((resume_from, keep, refusal))
     if refusal is not None:
         raise AlignRLError(refusal)
-    metrics = MetricsLogger(out, cfg.max_steps, cfg.progress_bar, keep_until=keep, enabled=dist.is_main())
+    metrics = MetricsLogger(
+        out, cfg.max_steps, cfg.progress_bar, keep_until=keep, enabled=dist.is_main(), tracking=tracking
+    )
     return Run(cfg=cfg, device=device, out=out, metrics=metrics, resume_from=resume_from, algorithm=algorithm)
 
 
@@ -294,7 +299,9 @@ def _same(a: Any, b: Any) -> bool:
     return False
 
 
-_NOT_COMPARED = frozenset({"output_dir", "resume", "overwrite_output_dir", "progress_bar", "logging_steps"})
+_NOT_COMPARED = frozenset(
+    {"output_dir", "resume", "overwrite_output_dir", "progress_bar", "logging_steps", "report_to", "run_name"}
+)
 
 
 def load_run_tokenizer(cfg: TrainConfig) -> Any:
@@ -484,15 +491,23 @@ def add_reward_logs(metrics: dict[str, Any], fns: RewardFunctions, n: int) -> li
 
 
 class MetricsLogger:
-    """One JSON line of metrics per step in OUTPUT_DIR/metrics.jsonl, plus an optional progress bar."""
+    """One JSON line of metrics per step in OUTPUT_DIR/metrics.jsonl, plus an optional progress bar; rows and
+    samples also go to the run's experiment trackers (report_to), if any."""
 
     def __init__(
-        self, out: Path, total: int, progress: bool, keep_until: int | None = None, enabled: bool = True
+        self,
+        out: Path,
+        total: int,
+        progress: bool,
+        keep_until: int | None = None,
+        enabled: bool = True,
+        tracking: trackers.Trackers | None = None,
     ):
         """keep_until: resuming after that step: keep the rows logged up to it (drop later ones), else start empty."""
         self.path = out / "metrics.jsonl"
         self.samples_path = out / "samples.jsonl"
         self.enabled = enabled  # False on ranks other than 0: they take part in reductions, write nothing
+        self.tracking = tracking  # rank 0's experiment trackers (report_to), None if only jsonl
         self.bar = None
         # the bar appears once set-up is done (Run.register), so that set-up errors print as one clean line
         self._bar_args = {"total": total, "initial": keep_until or 0} if progress and enabled else None
@@ -518,6 +533,8 @@ class MetricsLogger:
         row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.tracking is not None:
+            self.tracking.log(step, row)
         self.start_bar()
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
@@ -537,10 +554,14 @@ class MetricsLogger:
         with self.samples_path.open("a") as f:
             for r in rows:
                 f.write(json.dumps({"step": step, **r}, ensure_ascii=False) + "\n")
+        if self.tracking is not None:
+            self.tracking.samples(step, rows)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.tracking is not None:
+            self.tracking.close()
 
 
 def _clean(v: Any) -> Any:
