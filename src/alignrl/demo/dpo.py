@@ -19,7 +19,7 @@ def run(ctx: DemoContext) -> list[tuple[str, str]]:
         "overwrite_output_dir=true",
         f"seed={ctx.seed}", "loss_type=sigmoid", "beta=0.5", "batch_size=32", "eval_batch_size=128",
         "max_length=64", "learning_rate=1e-4", "warmup_steps=10", "lr_scheduler=cosine",
-        f"max_steps={ctx.steps(80, 2)}", "logging_steps=25", "on_bad_row=skip",
+        f"max_steps={ctx.steps(80, 2)}", f"logging_steps={ctx.steps(5, 1)}", "on_bad_row=skip",
     ])  # fmt: skip
     final = str(dpo.train(cfg))
     m = last_metrics(ctx.root / "dpo")

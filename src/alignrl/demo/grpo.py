@@ -15,7 +15,7 @@ def run(ctx: DemoContext) -> list[tuple[str, str]]:
         f"model={sft_dir}", f"train_file={ctx.data('rl')}", f"output_dir={ctx.root / 'grpo'}",
         "overwrite_output_dir=true", f"seed={ctx.seed}",
         "reward_funcs=[gsm8k]", "prompts_per_step=32", "num_generations=8", "max_completion_length=24",
-        "learning_rate=2e-4", "temperature=1.0", "beta=0.0", f"max_steps={ctx.steps(60, 3)}", "logging_steps=10",
+        "learning_rate=2e-4", "temperature=1.0", "beta=0.0", f"max_steps={ctx.steps(60, 3)}", "logging_steps=1",
     ])  # fmt: skip
     acc_rl = ctx.accuracy(str(grpo.train(cfg)))
     n = len(ctx.task.test)

@@ -128,7 +128,7 @@ def train_reward_model(
         "overwrite_output_dir=true",
         f"seed={ctx.seed}", "batch_size=32", "eval_batch_size=128", "max_length=64", "learning_rate=1e-4",
         "warmup_steps=20", "lr_scheduler=cosine", f"max_steps={steps}", "center_rewards_coefficient=0.01",
-        "logging_steps=25", "on_bad_row=skip",
+        f"logging_steps={ctx.steps(5, 1)}", "on_bad_row=skip",
     ])  # fmt: skip
     out = str(rm.train(cfg))
     marker.write_text(json.dumps(key))
