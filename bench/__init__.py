@@ -1,1 +1,1 @@
-"""alignrl vs TRL benchmark harness: `python -m bench.compare` (see BENCHMARKS.md)."""
+"""alignrl vs TRL benchmark harness: `python -m bench.compare`, the grid `python -m bench.grid` (BENCHMARKS.md)."""

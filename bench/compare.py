@@ -9,6 +9,7 @@ OUT/results.md after every workload (partial results survive an interrupted run)
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -37,10 +38,12 @@ def matmul_flops(precision: str, n: int = 2048, reps: int = 5) -> float:
 
 
 def model_params(model_dir: Path) -> tuple[int, int, int]:
-    """(matmul parameters excluding the embedding lookup, hidden size, vocab size) from config.json."""
+    """(matmul parameters excluding the embedding lookup and lm head, hidden size, vocab size) from config.json."""
     c = json.loads((model_dir / "config.json").read_text())
     h, inter, n_layers, vocab = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
-    per_layer = 4 * h * h + 3 * h * inter  # q,k,v,o + gate,up,down (no GQA in these models)
+    head_dim = c.get("head_dim") or h // c["num_attention_heads"]
+    q, kv = c["num_attention_heads"] * head_dim, c.get("num_key_value_heads", c["num_attention_heads"]) * head_dim
+    per_layer = 2 * h * q + 2 * h * kv + 3 * h * inter  # q,o + k,v (grouped-query: kv < q) + gate,up,down
     return n_layers * per_layer, h, vocab
 
 
@@ -69,7 +72,9 @@ def per_size(setting: dict[str, int] | int, size: str, default: int) -> int:
     return setting if isinstance(setting, int) else setting.get(size, default)
 
 
-def run_worker(spec: dict, out: Path) -> dict:
+def run_worker(spec: dict | list[dict], out: Path):
+    """Run bench.worker on a spec (or a list of specs, run one after another in one process) in a subprocess;
+    its result (or list of results)."""
     spec_path, res_path = out / "spec.json", out / "result.json"
     spec_path.write_text(json.dumps(spec))
     res_path.unlink(missing_ok=True)
@@ -80,12 +85,62 @@ def run_worker(spec: dict, out: Path) -> dict:
         [sys.executable, "-m", "bench.worker", str(spec_path), str(res_path)], env=env, capture_output=True, text=True
     )
     if proc.returncode != 0:
-        raise RuntimeError(f"{spec['lib']} {spec['algo']} failed:\n{proc.stderr[-3000:]}")
+        what = f"{spec['lib']} {spec['algo']}" if isinstance(spec, dict) else f"{len(spec)} workloads"
+        raise RuntimeError(f"{what} failed:\n{proc.stderr[-3000:]}")
     return json.loads(res_path.read_text())
 
 
 def med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
+
+
+def alternate(libs: list[str], reps: int, make_spec, out: Path, label: str, runs: dict | None = None) -> dict:
+    """Run `reps` repetitions of every library's workload, each in its own subprocess, the order of the libraries
+    flipping every repetition; `make_spec(lib, rep)` gives the worker spec. Results are appended to `runs`
+    (lib -> list of worker results), which is returned; repetitions already in it are not rerun."""
+    runs = runs if runs is not None else {lib: [] for lib in libs}
+    for rep in range(min(len(rs) for rs in runs.values()), reps):
+        for lib in libs if rep % 2 == 0 else libs[::-1]:  # alternate which library goes first
+            r = run_worker(make_spec(lib, rep), out)
+            runs[lib].append(r)
+            print(f"{label} {lib} rep{rep}: step {med(r['step']):.2f}s peak {r['peak_rss'] / 2**20:.0f} MiB",
+                  flush=True)  # fmt: skip
+    return runs
+
+
+def lib_summary(rs: list[dict]) -> dict:
+    """Medians over one library's repetitions of a workload: step time (over all timed steps), peak and
+    pre-training RSS; for online algorithms also generation time and share, update time and completion length."""
+    steps = [s for r in rs for s in r["step"]]
+    d = {"step_s": med(steps), "steps": len(steps), "step_all_s": steps,
+         "peak_rss_mib": med([r["peak_rss"] / 2**20 for r in rs]),
+         "rss_before_mib": med([r["rss_before"] / 2**20 for r in rs])}  # fmt: skip
+    if "generation" in rs[0]:
+        d["gen_s"] = med([g for r in rs for g in r["generation"]])
+        d["gen_share"] = d["gen_s"] / d["step_s"]
+        d["update_s"] = med([u for r in rs for u in r["update"]])
+        d["completion_length"] = statistics.mean(x for r in rs for x in r["completion_length"])
+    else:
+        d["train_total_s"] = med([r["total"] for r in rs])
+    return d
+
+
+def workload_spec(a: argparse.Namespace, out: Path, prompts: Path, row: dict, model: Path, lib: str, rep: int) -> dict:
+    """The worker spec of one library's repetition of a workload (`row`: its size, algo, length, precision)."""
+    algo, L = row["algo"], row["length"]
+    spec = {
+        "lib": lib, "algo": algo, "model": str(model), "precision": row["precision"],
+        "steps": a.steps, "warmup": a.warmup, "threads": a.threads,
+        "beta": a.beta if algo == "grpo" else 0.1,
+        "out_dir": str(out / "runs" / f"{lib}_{algo}_{row['size']}_{L}_{row['precision']}_{rep}"),
+    }  # fmt: skip
+    if algo == "grpo":
+        spec.update(data=str(prompts), prompts=a.prompts, G=a.G, length=L, micro_batch=row["alignrl_micro_batch"])
+    else:
+        spec.update(data=str(write_pairs(out, L)), batch=a.dpo_batch, max_length=L + 8,
+                    accum=row["alignrl_accum"] if lib == "alignrl" else 1,
+                    **({"ref_batch": a.dpo_ref_batch} if a.dpo_ref_batch else {}))  # fmt: skip
+    return spec
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -110,7 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
         help="alignrl DPO micro-batches per step: one number, or SIZE=N pairs (sizes not named: 1; the default "
         "leaves memory to micro_batch_tokens)",
     )
-    ap.add_argument("--dpo-ref-batch", type=int, default=8, help="alignrl DPO pairs per reference-pass forward")
+    ap.add_argument("--dpo-ref-batch", type=int, default=0,
+                    help="alignrl DPO pairs per reference-pass forward (0: the trainer's default eval_batch_size)")
     ap.add_argument("--libs", default="alignrl,trl")
     ap.add_argument(
         "--micro-batch",
@@ -186,38 +242,13 @@ def main(argv: list[str] | None = None) -> dict:
                 row["alignrl_micro_batch"] = per_size(a.micro_batch, size, 0)
             else:
                 row["alignrl_accum"] = per_size(a.dpo_accum, size, 1)
-            runs: dict[str, list[dict]] = {lib: [] for lib in libs}
-            for rep in range(a.reps):
-                for lib in libs if rep % 2 == 0 else libs[::-1]:  # alternate which library goes first
-                    spec = {
-                        "lib": lib, "algo": algo, "model": str(model), "precision": prec,
-                        "steps": a.steps, "warmup": a.warmup, "threads": a.threads,
-                        "beta": a.beta if algo == "grpo" else 0.1,
-                        "out_dir": str(out / "runs" / f"{lib}_{algo}_{size}_{L}_{prec}_{rep}"),
-                    }  # fmt: skip
-                    if algo == "grpo":
-                        spec.update(data=str(prompts), prompts=a.prompts, G=a.G, length=L,
-                                    micro_batch=row["alignrl_micro_batch"])
-                    else:
-                        spec.update(data=str(write_pairs(out, L)), batch=a.dpo_batch, max_length=L + 8,
-                                    accum=row["alignrl_accum"] if lib == "alignrl" else 1, ref_batch=a.dpo_ref_batch)
-                    r = run_worker(spec, out)
-                    runs[lib].append(r)
-                    print(f"{size} {algo} L={L} {prec} {lib} rep{rep}: step {med(r['step']):.2f}s "
-                          f"peak {r['peak_rss'] / 2**20:.0f} MiB", flush=True)  # fmt: skip
+            make_spec = functools.partial(workload_spec, a, out, prompts, row, model)
+            runs = alternate(libs, a.reps, make_spec, out, f"{size} {algo} L={L} {prec}")
             for lib, rs in runs.items():
-                steps = [s for r in rs for s in r["step"]]
-                d = {"step_s": med(steps), "peak_rss_mib": med([r["peak_rss"] / 2**20 for r in rs]),
-                     "rss_before_mib": med([r["rss_before"] / 2**20 for r in rs])}  # fmt: skip
+                row[lib] = lib_summary(rs)
                 if algo == "grpo":
-                    d["gen_s"] = med([g for r in rs for g in r["generation"]])
-                    d["gen_share"] = d["gen_s"] / d["step_s"]
-                    d["update_s"] = med([u for r in rs for u in r["update"]])
                     n = a.prompts * a.G
-                    d["train_flops"] = train_flops(model, n, 12 + L, n * L)
-                else:
-                    d["train_total_s"] = med([r["total"] for r in rs])
-                row[lib] = d
+                    row[lib]["train_flops"] = train_flops(model, n, 12 + L, n * L)
             if "alignrl" in row and "trl" in row:
                 row["ratio_step"] = row["alignrl"]["step_s"] / row["trl"]["step_s"]
                 row["ratio_peak_rss"] = row["alignrl"]["peak_rss_mib"] / row["trl"]["peak_rss_mib"]

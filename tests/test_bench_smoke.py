@@ -1,4 +1,4 @@
-"""One tiny step through the benchmark harness (bench.compare); the TRL half runs only if trl is installed."""
+"""Tiny runs through the benchmark harnesses (bench.compare, bench.grid); TRL halves only if trl is installed."""
 
 from __future__ import annotations
 
@@ -39,3 +39,45 @@ def test_per_size_settings(capsys):
         with pytest.raises(SystemExit):
             main(["--micro-batch", bad])
         assert "SIZE=N" in capsys.readouterr().err
+
+
+def test_bench_grid_smoke(tmp_path):
+    """`python -m bench.grid --smoke`: every algorithm once on the tiny model, both libraries, in seconds."""
+    from bench.grid import ALGOS, main
+
+    results = tmp_path / "grid.json"
+    res = main(["--smoke", "--out", str(tmp_path / "out"), "--results", str(results),
+                "--libs", "alignrl,trl" if HAS_TRL else "alignrl"])  # fmt: skip
+    assert [c["algo"] for c in res["cells"]] == list(ALGOS)
+    assert res["copy_bandwidth"] > 0 and res["matmul_flops"]["fp32"] > 0
+    assert res["machine"]["cpus"] and res["command"].endswith("--libs " + ("alignrl,trl" if HAS_TRL else "alignrl"))
+    for cell in res["cells"]:
+        assert cell["alignrl"]["step_s"] > 0 and cell["alignrl"]["steps"] == 1, cell
+        if HAS_TRL and cell["algo"] != "ppo":
+            assert cell["trl"]["step_s"] > 0 and "ratio_step" in cell and "ratio_peak_rss" in cell
+    online = {c["algo"]: c for c in res["cells"] if c["eos"] == "forced"}
+    assert online["grpo"]["alignrl"]["completion_length"] == 4 and "roofline_tok_s" in online["grpo"]["decode"]
+    if HAS_TRL:
+        assert "no PPO trainer" in online["ppo"]["note"]
+        assert online["grpo"]["trl"]["completion_length"] == 4
+    md = results.with_suffix(".md").read_text()
+    assert md.count("| tiny |") == len(ALGOS) and "Command:" in md
+
+
+def test_grid_only_filter():
+    import argparse
+
+    import pytest
+
+    from bench.grid import grid_cells, only_filter, parse_args
+
+    assert only_filter("algo=grpo,size=4m,algo=dpo") == {"algo": {"grpo", "dpo"}, "model": {"4m"}}
+    for bad in ("algo", "colour=red", "algo="):
+        with pytest.raises(argparse.ArgumentTypeError):
+            only_filter(bad)
+    cells = grid_cells(parse_args(["--only", "algo=grpo,size=4m,len=128", "--natural"]))
+    assert [(c["model"], c["algo"], c["length"], c["precision"], c["eos"]) for c in cells] == [
+        ("4m", "grpo", 128, p, e) for p in ("fp32", "bf16") for e in ("forced", "natural")
+    ]
+    assert {c["eos"] for c in grid_cells(parse_args(["--only", "algo=sft"]))} == {"-"}
+    assert len(grid_cells(parse_args([]))) == 5 * 5 * 4 * 2
