@@ -2,7 +2,7 @@
 (log-probs over the completion tokens, backward) for a batch split at several budgets; each cell in its own
 subprocess so that its peak RSS is its own.
 
-    python -m bench.micro_batch [--reps 3] [--out bench/results/micro_batch.json]
+    python -m bench.micro_batch [--reps 2] [--out bench/results/micro_batch.json]
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -20,14 +19,13 @@ from pathlib import Path
 
 import torch
 
-BUDGETS = (512, 1024, 2048, 4096, 8192, 0)  # 0: the whole batch in one pass
+BUDGETS = (1024, 2048, 4096, 8192, 0)  # 0: the whole batch in one pass
 # (model, rows, prompt tokens, completion tokens): GRPO-shaped batches
 WORKLOADS = (
     ("4m", 64, 12, 8),
     ("4m", 32, 12, 128),
     ("30m", 32, 12, 128),
-    ("30m", 32, 12, 512),
-    ("smollm2", 32, 40, 64),
+    ("smollm2", 16, 40, 64),
 )
 
 
@@ -46,6 +44,7 @@ def cell(path: str, rows: int, prompt: int, completion: int, budget: int, reps: 
     from alignrl.data import split_by_tokens
     from alignrl.logprobs import token_logprobs
     from alignrl.models import load_causal_lm
+    from bench.worker import peak_rss, rss_now
 
     torch.manual_seed(0)
     model = load_causal_lm(path)
@@ -61,7 +60,7 @@ def cell(path: str, rows: int, prompt: int, completion: int, budget: int, reps: 
         attn[i, prompt + n :] = 0
     parts = split_by_tokens([prompt + n for n in lengths], budget)
     n_tok = float(target.sum())
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_before = rss_now()
     times = []
     for _ in range(reps + 1):  # the first is warm-up
         t0 = time.perf_counter()
@@ -71,13 +70,12 @@ def cell(path: str, rows: int, prompt: int, completion: int, budget: int, reps: 
         times.append(time.perf_counter() - t0)
         model.zero_grad(set_to_none=True)
     return {"seconds": statistics.median(times[1:]), "passes": len(parts),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "rss_before_mb": rss_before / 1024}  # fmt: skip
+            "peak_rss_mb": peak_rss() / 2**20, "rss_before_mb": rss_before / 2**20}  # fmt: skip
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--out", default="bench/results/micro_batch.json")
     ap.add_argument("--cell", help=argparse.SUPPRESS)  # internal: one measurement in this process
     args = ap.parse_args()

@@ -58,7 +58,7 @@ class TrainConfig:
     # recompute each decoder layer's activations in backward: far less activation memory, ~1 more forward per update
     gradient_checkpointing: bool = False
     # padded tokens (prompt included) per forward/backward in the update, reference, critic and pair passes;
-    # None: 4096, raised to one sequence of the longest length the options allow; 0: no limit (whole batch at once)
+    # None: 2048, raised to one sequence of the longest length the options allow; 0: no limit (whole batch at once)
     micro_batch_tokens: int | None = None
     # logging
     logging_steps: int = 1

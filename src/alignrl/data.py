@@ -168,10 +168,11 @@ def tokenize_sft(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, where:
     return SFTExample(p + c, [0] * len(p) + [1] * len(c))
 
 
-# Default token budget of one forward/backward (micro_batch_tokens): padded tokens, prompt included. On 2 CPU
-# cores a step is no faster once a pass holds ~2k tokens; 4096 keeps small work in one pass and a 135M model's
-# full fine-tune under a few GB of activations (BENCHMARKS.md, "Micro-batches").
-MICRO_BATCH_TOKENS = 4096
+# Default token budget of one forward/backward (micro_batch_tokens): padded tokens, prompt included. On CPU,
+# passes of ~1-2k tokens were as fast or faster than whole batches (shorter rows trim their padding) at a third to
+# half the activation memory, and work under 2k tokens stays one pass (bench/micro_batch.py, BENCHMARKS.md).
+# GPUs have room for far larger passes: raise it there.
+MICRO_BATCH_TOKENS = 2048
 
 
 def split_by_tokens(
