@@ -201,12 +201,7 @@ def pair_update(
     token budget (micro_batch_tokens), and gradients sync on the last part.
     Returns the logged means of `stat_keys` (all-reduced) and the optimizer-step metrics."""
     n_total = sum(len(b) for b in micro)
-    budget = loop.token_budget(cfg, 2 * cfg.max_length)
-    parts: list[tuple[list[PreferenceExample], float]] = []
-    for b in micro:
-        share, w = dist.local_part(b)  # this rank's pairs of the global micro-batch
-        for idx in loop.token_micro_batches([e.length for e in share], budget, rows_per_item=2):
-            parts.append(([share[i] for i in idx], w) if idx else (share[:1], 0.0))
+    parts = loop.local_parts(micro, lambda e: e.length, loop.token_budget(cfg, 2 * cfg.max_length), rows_per_item=2)
     acc: dict[str, float] = {}
     for i, (part, w) in enumerate(parts):
         with dist.grad_sync(policy, i == len(parts) - 1):

@@ -11,10 +11,10 @@ import random
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -41,6 +41,8 @@ from alignrl.models import (
     save_pretrained_atomic,
 )
 from alignrl.rewards import RewardFunctions
+
+T = TypeVar("T")
 
 
 def _malloc_trim() -> Any:
@@ -85,6 +87,20 @@ def token_micro_batches(
     out = split_by_tokens(lengths, budget, max_items, rows_per_item)
     n = dist.all_reduce(len(out), "max")
     return out + [[] for _ in range(n - len(out))]
+
+
+def local_parts(
+    micro: list[list[T]], width: Callable[[T], int], budget: int, rows_per_item: int = 1
+) -> list[tuple[list[T], float]]:
+    """This rank's share of each accumulated micro-batch (`dist.local_part`), split to the token budget (items of
+    `width` tokens, `rows_per_item` rows each), with loss weights: a part this rank lacks is its first item with
+    weight 0, so every rank runs as many forwards/backwards."""
+    parts: list[tuple[list[T], float]] = []
+    for b in micro:
+        share, w = dist.local_part(b)
+        for idx in token_micro_batches([width(e) for e in share], budget, rows_per_item=rows_per_item):
+            parts.append(([share[i] for i in idx], w) if idx else (share[:1], 0.0))
+    return parts
 
 
 def rollout_micro_batches(rows: torch.Tensor, lengths: torch.Tensor, cfg: Any) -> list[tuple[torch.Tensor, float]]:

@@ -128,12 +128,7 @@ def train(cfg: SFTConfig) -> Path:
         # token-mean over the whole accumulated (global) batch: each micro-batch divides by the global count;
         # each rank takes its share of every micro-batch, split to the token budget; gradients sync on the last part
         n_total = sum(sum(sum(e.loss_mask[1:]) for e in b) for b in micro)
-        budget = loop.token_budget(cfg, cfg.max_length)
-        parts: list[tuple[list[SFTExample], float]] = []
-        for b in micro:
-            share, w = dist.local_part(b)
-            for idx in loop.token_micro_batches([len(e.input_ids) for e in share], budget):
-                parts.append(([share[i] for i in idx], w) if idx else (share[:1], 0.0))
+        parts = loop.local_parts(micro, lambda e: len(e.input_ids), loop.token_budget(cfg, cfg.max_length))
         total = 0.0
         for i, (part, w) in enumerate(parts):
             with dist.grad_sync(policy, i == len(parts) - 1):
