@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+import collections
+import enum
+import io
+import json
+import math
 import os
 import resource
 import socket
@@ -15,7 +21,7 @@ import pytest
 
 from alignrl.errors import AlignRLError
 from alignrl.rewards import code as code_mod
-from alignrl.rewards import required_columns
+from alignrl.rewards import required_columns, sandbox_checker, sandbox_child
 from alignrl.rewards.code import (
     code_reward,
     extract_code,
@@ -514,6 +520,192 @@ def test_hostile_values_cannot_stall_or_bloat_the_checker() -> None:
     assert res.score == 0.0
     assert time.monotonic() - start < 2 * TIMEOUT + 3
     assert _maxrss_kib() - before < 100 * 1024
+
+
+# ---------------------------------------------------------------- the sandbox programs, run in this process
+# sandbox_child.py and sandbox_checker.py run in fresh interpreters; their pure parts are checked here directly.
+
+
+class _Two(enum.IntEnum):
+    TWO = 2
+
+
+_Point = collections.namedtuple("_Point", "x y")
+
+
+def _round_trip(value: object) -> object:
+    """A value as the checker receives it: encoded by the child, sent as JSON, decoded by the checker."""
+    return sandbox_checker._decode(json.loads(json.dumps(sandbox_child._plain(value))))
+
+
+def test_sandbox_programs_are_stdlib_only_modules_run_from_their_text() -> None:
+    for module, source in ((sandbox_child, code_mod._CHILD_SOURCE), (sandbox_checker, code_mod._CHECKER_SOURCE)):
+        assert module.__file__ is not None
+        assert source == Path(module.__file__).read_text(encoding="utf-8")
+        tree = ast.parse(source)
+        names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        names |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert names and {name.split(".")[0] for name in names} <= sys.stdlib_module_names
+        assert ast.unparse(tree.body[-1]) == "if __name__ == '__main__':\n    _main()"  # nothing runs on import
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, None),
+        (True, True),
+        (-(2**100), -(2**100)),
+        (_Two.TWO, 2),
+        (0.1, 0.1),
+        (-0.0, -0.0),
+        (math.inf, math.inf),
+        (math.nan, math.nan),
+        (1 - 2.5j, 1 - 2.5j),
+        ("é\n", "é\n"),
+        (b"\x00\xff", b"\x00\xff"),
+        (bytearray(b"ab"), bytearray(b"ab")),
+        (_Point(1, 2), (1, 2)),
+        (collections.Counter("aab"), {"a": 2, "b": 1}),
+        ({(1, "x"): [frozenset({3}), {None}]}, {(1, "x"): [frozenset({3}), {None}]}),
+    ],
+)
+def test_plain_values_cross_by_value_as_their_base_type(value: object, expected: object) -> None:
+    decoded = _round_trip(value)
+    assert type(decoded) is type(expected) and repr(decoded) == repr(expected)  # -0.0, nan and True included
+
+
+def test_values_that_are_not_plain_data_are_refused() -> None:
+    for value in (object(), len, (x for x in ()), [1, object()], {1: type}):
+        with pytest.raises(TypeError, match="not plain data"):
+            sandbox_child._plain(value)
+    deep: list[object] = []
+    for _ in range(150):
+        deep = [deep]
+    with pytest.raises(ValueError, match="nested"):
+        sandbox_child._plain(deep)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [[], ["?"], "i", ["i", 5], ["b", 1], ["s", "a", "b"], ["d", [["b", True]]], ["d", 1], ["f", "nope"], ["l", 3]],
+)
+def test_malformed_values_are_refused_by_the_checker(raw: object) -> None:
+    with pytest.raises(ValueError):
+        sandbox_checker._decode(raw)
+
+
+def test_the_checker_refuses_values_nested_too_deeply() -> None:
+    raw: list[object] = ["i", "1"]
+    for _ in range(120):
+        raw = ["l", raw]
+    with pytest.raises(ValueError, match="nested"):
+        sandbox_checker._decode(raw)
+
+
+def test_syscall_tables_are_consistent() -> None:
+    for table in (sandbox_child._X86_64, sandbox_child._AARCH64):
+        assert set(sandbox_child._SPECIAL) <= set(table)
+        assert len(set(table.values())) == len(table)  # no number listed under two names
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_child_helpers_that_read_the_system(tmp_path: Path) -> None:
+    assert sandbox_child._count_tasks(os.getuid()) >= 1  # type: ignore[operator]  # this process at least
+    assert sandbox_child._world_accessible(["/"])
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    assert not sandbox_child._world_accessible([str(private)])
+    rules = sandbox_child._rule_targets(str(tmp_path))
+    try:
+        assert rules[0][1:] == ("rw", True)  # the working directory first, writable
+        assert {kind for _fd, kind, _is_dir in rules} == {"rw", "dev", "ro"}
+    finally:
+        for fd, _kind, _is_dir in rules:
+            os.close(fd)
+
+
+class _Exited(Exception):
+    pass
+
+
+def _exit(code: int) -> None:
+    raise _Exited(code)
+
+
+def _child_report(solution: str, tests: list[str], monkeypatch: pytest.MonkeyPatch) -> bytes:
+    """What the child's `_run` writes on its result channel for `solution` and the primaries of `tests`."""
+    plans = code_mod._plan_tests(tests)
+    primaries = [(t, src, compile(src, f"<test {t}>", "eval")) for t, (_c, prims) in enumerate(plans) for src in prims]
+    try:
+        compiled = compile(solution, "<solution>", "exec")
+    except SyntaxError:
+        compiled = None
+    monkeypatch.setitem(sys.modules, "__solution__", None)  # restored afterwards
+    read_fd, write_fd = os.pipe()
+    try:
+        with pytest.raises(_Exited):
+            sandbox_child._run(compiled, primaries, write_fd, _exit=_exit)
+    finally:
+        os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as channel:
+        return channel.read()
+
+
+def _checker_verdicts(
+    tests: list[str], data: bytes, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> list[str]:
+    """The checker's output lines for `tests` over the result channel `data`, computed in this process."""
+    payload = code_mod._checker_input(code_mod._plan_tests(tests), data, memory_mb=256, cpu_seconds=2)
+    monkeypatch.setattr(sandbox_checker, "_limits", lambda cfg: None)  # not this process's limits
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(payload)))
+    capfd.readouterr()
+    sandbox_checker._main()
+    return capfd.readouterr().out.splitlines()
+
+
+def test_child_reports_values_and_checker_judges_them(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    solution = "def f(x):\n    return 2 * x\nraise ValueError('after f')\n"
+    tests = [
+        "assert f(2) == 4",
+        "assert f(2) == 5",
+        "assert f(None) == 0",
+        "assert f is not None",
+        "assert f(0) is None or sorted(f([3, 1])) == [1, 1, 3, 3]",
+        "assert missing(1) == 1",
+        "assert f('a') + 1 == 2",
+    ]
+    data = _child_report(solution, tests, monkeypatch)
+    lines = data.decode().splitlines()
+    assert lines[0] == "compiled" and lines[-1] == "done"
+    doubled = '5 ["l",["i","3"],["i","1"],["i","3"],["i","1"]]'
+    assert lines[1:-1] == ['0 ["i","4"]', '1 ["i","4"]', "2 !", "3 ?", '4 ["i","0"]', doubled, "6 !", '7 ["s","aa"]']
+    stderr = capfd.readouterr().err
+    assert "the solution raised: ValueError: after f" in stderr and "is not plain data" in stderr
+    verdicts = _checker_verdicts(tests, data, monkeypatch, capfd)
+    assert verdicts[0] == "0 1" and verdicts[4] == "4 1"
+    assert verdicts[1] == "1 0 AssertionError"
+    assert verdicts[2] == "2 0 f(None) raised"
+    assert verdicts[3] == "3 0 f is not plain data"
+    assert verdicts[5] == "5 0 missing(1) raised"
+    assert verdicts[6] == '6 0 TypeError: can only concatenate str (not "int") to str'  # in the checker
+
+
+def test_checker_without_a_compiled_solution_or_values(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    assert _child_report("def f(x) return", ["assert f(1) == 2"], monkeypatch) == b""
+    assert "does not compile" in capfd.readouterr().err
+    tests = ["assert f(1) == 2", "assert f(2) == 4", "assert f(3) == 6", "assert f(4) == 8"]
+    assert _checker_verdicts(tests, b"0 1\n", monkeypatch, capfd)[0].startswith("0 0 the solution does not compile")
+    data = b'compiled\n0 ["i","2"]\n0 ["i","7"]\n1 ["i"]\n2 [1,\n'  # the first report of each value counts
+    assert _checker_verdicts(tests, data, monkeypatch, capfd) == [
+        "0 1",
+        "1 0 f(2): unreadable value (ValueError)",
+        "2 0 f(3): unreadable value (JSONDecodeError)",
+        "3 0 f(4): no value (timed out, or the process ended first)",
+    ]
 
 
 # ---------------------------------------------------------------- test forms
