@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
+from alignrl import checkpoint as ck
 from alignrl import distributed as D
 from alignrl.generation import SamplingParams, generate
-from alignrl.models import load_causal_lm, load_tokenizer
+from alignrl.models import load_causal_lm, load_tokenizer, save_pretrained_atomic
 
 
 def grad_error(mode: str, model_dir: str, ids, attn, tmask) -> tuple[float, float]:
@@ -83,13 +84,14 @@ def main() -> None:
     # final/ and sharded checkpoints
     tok = load_tokenizer(model_dir)
     full = D.full_state_dict(pol)
-    D.save_final(pol, tok, out / "final")
-    D.save_sharded(out / "ckpt", pol, opt)
+    if D.is_main():  # what loop.finish writes under fsdp
+        save_pretrained_atomic(D.inner(pol), tok, out / "final", full)
+    ck.save_sharded(out / "ckpt", pol, opt)
     with torch.no_grad():
         before, _ = pol(ids, attn, tmask, start=1)
     pol2 = D.wrap_model(D.PolicyLogProbs(load_causal_lm(model_dir)), "fsdp", torch.device("cpu"))
     opt2 = torch.optim.AdamW(pol2.parameters(), lr=1e-2)
-    D.load_sharded(out / "ckpt", pol2, opt2)
+    ck.load_sharded(out / "ckpt", pol2, opt2)
     with torch.no_grad():
         after, _ = pol2(ids, attn, tmask, start=1)
     res["reload_err"] = D.all_reduce(float((before - after).abs().max()), "max")
@@ -103,14 +105,13 @@ def main() -> None:
             float((pol(ids, attn, tmask, start=1)[0] - pol2(ids, attn, tmask, start=1)[0]).abs().max()), "max"
         )
     # checkpoint-STEP layout: consolidated HF files + DCP shards + per-rank RNG, complete marker, exact reload
-    from alignrl import checkpoint as ck
-
     torch.manual_seed(D.rank_seed(5))
-    path = D.save_checkpoint(out, 3, pol, tok, opt, {"components": {}, "rng": ck.rng_state(), "run": {}}, "x: 1\n")
+    state = {"components": {}, "rng": ck.rng_state(), "run": {}}
+    path = ck.save_checkpoint(out, 3, pol, tok, state, "x: 1\n", sharded=True, optimizer=opt)
     expected_rng = torch.rand(3)
     pol3 = D.wrap_model(D.PolicyLogProbs(load_causal_lm(model_dir)), "fsdp", torch.device("cpu"))
     opt3 = torch.optim.AdamW(pol3.parameters(), lr=1e-2)
-    state = D.load_checkpoint(path, pol3, opt3)
+    state = ck.load_checkpoint(path, pol3, sharded=True, optimizer=opt3)
     ck.set_rng_state(state["rng"])
     res["ckpt_complete"] = ck.is_complete(path) and (path / "distributed").is_dir() and state["step"] == 3
     res["ckpt_rng_ok"] = D.all_gather_objects([bool(torch.equal(torch.rand(3), expected_rng))])

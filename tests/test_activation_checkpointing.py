@@ -16,7 +16,7 @@ from alignrl.logprobs import token_logprobs
 from alignrl.models import enable_activation_checkpointing, unwrap
 from alignrl.rewards.reward_model import reward_scores
 from alignrl.trainers import loop, ppo, rm
-from alignrl.value_model import token_values
+from alignrl.value_model import Critic, token_values
 
 IDS, MASK = left_pad([[5, 6, 7, 8, 9, 10, 11, 12], [3, 4, 5, 6, 7]], 0)
 
@@ -31,7 +31,7 @@ def _reward_model(cfg):
 
 def _critic(cfg):
     pcfg = ppo.PPOConfig(**dataclasses.asdict(cfg), critic="separate", reward_funcs=["gsm8k"])
-    vm = ppo.Critic(pcfg, nn.Linear(1, 1), torch.device("cpu")).value_model
+    vm = Critic(pcfg, nn.Linear(1, 1), torch.device("cpu")).value_model
     with torch.no_grad():  # a critic from a causal LM starts with a zero head: no gradient would reach the trunk
         vm.head.weight.normal_()
     return vm

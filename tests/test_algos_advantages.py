@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import statistics
+import threading
 
 import pytest
 import torch
 
 from alignrl.algos.advantages import (
     ADVANTAGE_ESTIMATORS,
+    AdvantageInputs,
     gae,
     group_advantages,
     reinforce_pp_returns,
@@ -93,12 +95,81 @@ def test_rloo_reference() -> None:
 
 def test_registry_uniform_signature() -> None:
     r = _rewards(12, seed=5)
-    assert set(ADVANTAGE_ESTIMATORS) == {"grpo", "rloo"}
+    mask = _mask([3, 1, 4, 2, 4, 4, 0, 2, 1, 3, 4, 2], 4)
+    assert set(ADVANTAGE_ESTIMATORS) == {"grpo", "rloo", "gae", "reinforce_pp", "reinforce_pp_baseline"}
     for scale in ("group", "batch", "none"):
-        torch.testing.assert_close(
-            ADVANTAGE_ESTIMATORS["grpo"](r, 3, scale, 1e-4), group_advantages(r, 3, scale)
-        )
-        torch.testing.assert_close(ADVANTAGE_ESTIMATORS["rloo"](r, 3, scale, 1e-4), rloo_advantages(r, 3))
+        adv, ret = ADVANTAGE_ESTIMATORS["grpo"](AdvantageInputs(r, mask, 3, scale=scale))
+        torch.testing.assert_close(adv, group_advantages(r, 3, scale)[:, None].expand(12, 4))
+        torch.testing.assert_close(ret, adv)
+    adv, _ = ADVANTAGE_ESTIMATORS["rloo"](AdvantageInputs(r, mask, 3))
+    torch.testing.assert_close(adv, rloo_advantages(r, 3)[:, None].expand(12, 4))
+
+
+def _whiten64(x: list[list[float]], lengths: list[int]) -> list[list[float]]:
+    vals = [x[b][t] for b, n in enumerate(lengths) for t in range(n)]
+    mean = sum(vals) / len(vals)
+    var = sum((v - mean) ** 2 for v in vals) / len(vals)
+    return [[(x[b][t] - mean) / math.sqrt(var + 1e-8) if t < n else 0.0 for t in range(len(x[b]))]
+            for b, n in enumerate(lengths)]  # fmt: skip
+
+
+@pytest.mark.parametrize("baseline", [False, True])
+def test_reinforce_pp_estimators_reference(baseline: bool) -> None:
+    """REINFORCE++: r_t = kl_rewards_t + score at the last token (scores minus the group mean for -baseline),
+    return-to-go with γ, whitened over the batch's valid tokens; float64 reference from the formula."""
+    lengths, T, G, gamma = [3, 5, 1, 4, 5, 2], 5, 2, 0.9
+    scores = _rewards(6, seed=7)
+    mask = _mask(lengths, T)
+    kl = torch.randn(6, T, generator=torch.Generator().manual_seed(8), dtype=DT) * 0.1
+    name = "reinforce_pp_baseline" if baseline else "reinforce_pp"
+    adv, ret = ADVANTAGE_ESTIMATORS[name](AdvantageInputs(scores, mask, G, kl_rewards=kl, gamma=gamma))
+    s = scores.tolist()
+    if baseline:
+        s = [v - (s[i - i % G] + s[i - i % G + 1]) / 2 for i, v in enumerate(s)]
+    r = [[(kl[b, t].item() if t < n else 0.0) + (s[b] if t == n - 1 else 0.0) for t in range(T)]
+         for b, n in enumerate(lengths)]  # fmt: skip
+    g = [[sum(gamma**k * r[b][t + k] for k in range(n - t)) if t < n else 0.0 for t in range(T)]
+         for b, n in enumerate(lengths)]  # fmt: skip
+    torch.testing.assert_close(ret, torch.tensor(g, dtype=DT), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(adv, torch.tensor(_whiten64(g, lengths), dtype=DT), rtol=1e-10, atol=1e-10)
+
+
+def _in_two_parts(name: str, inputs: AdvantageInputs, split: int) -> torch.Tensor:
+    """The estimator run on rows [:split] and [split:] in two threads whose `total` sums over both (an all-reduce)."""
+    barrier = threading.Barrier(2)
+    slots: list[torch.Tensor | None] = [None, None]
+    out: list[torch.Tensor | None] = [None, None]
+
+    def part(i: int, rows: slice) -> None:
+        def total(x: torch.Tensor) -> torch.Tensor:
+            slots[i] = x
+            barrier.wait()
+            summed = slots[0] + slots[1]  # type: ignore[operator]
+            barrier.wait()
+            return summed
+
+        x = inputs
+        sub = AdvantageInputs(x.scores[rows], x.mask[rows], x.group_size, scale=x.scale, gamma=x.gamma, total=total)
+        out[i] = ADVANTAGE_ESTIMATORS[name](sub)[0]
+
+    threads = [threading.Thread(target=part, args=(i, p)) for i, p in enumerate([slice(0, split), slice(split, None)])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return torch.cat(out)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "name,scale", [("grpo", "batch"), ("reinforce_pp", "group"), ("reinforce_pp_baseline", "group")]
+)
+def test_batch_statistics_from_parts_equal_the_whole_batch(name: str, scale: str) -> None:
+    """With `total` summing over the parts of a batch split across processes, "batch" scaling and REINFORCE++
+    whitening give the whole batch's values."""
+    r = _rewards(8, seed=11)
+    inputs = AdvantageInputs(r, _mask([2, 3, 1, 3, 3, 2, 1, 2], 3), 2, scale=scale)
+    whole = ADVANTAGE_ESTIMATORS[name](inputs)[0]
+    torch.testing.assert_close(_in_two_parts(name, inputs, 4), whole, rtol=1e-12, atol=1e-12)
 
 
 def test_group_errors() -> None:

@@ -127,6 +127,58 @@ def test_exception_while_saving_leaves_previous_checkpoint(tiny_model, tmp_path,
     assert not (out / "checkpoint-2").exists()
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP in one process, as intended
+def test_sharded_layout_through_the_same_save_and_load_in_one_process(tiny_model, tmp_path):
+    """The multi-process layout (a torchrun run's; a one-process resume of it keeps writing it) by the one save/load:
+    DCP shards holding model, optimiser and modules, this rank's RNG file, the world size in the marker, exact
+    reload; a single-process checkpoint is refused where shards are expected."""
+    from alignrl import distributed as dist
+    from alignrl.models import load_causal_lm, load_tokenizer
+
+    def parts():
+        policy = dist.PolicyLogProbs(load_causal_lm(tiny_model))
+        return policy, torch.optim.AdamW(policy.parameters(), lr=1e-2), torch.nn.Linear(32, 1)
+
+    tok = load_tokenizer(tiny_model)
+    policy, opt, head = parts()
+    ids = torch.arange(4, 20)[None]
+    policy.lm(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    state = {"components": {}, "rng": checkpoint.rng_state(), "run": {}}
+    path = checkpoint.save_checkpoint(
+        tmp_path, 3, policy, tok, state, "x: 1\n", {"head": head}, {"algorithm": "sft"}, sharded=True, optimizer=opt
+    )
+    assert checkpoint.is_complete(path) and checkpoint.has_sharded_state(path) and (path / "rng-rank0.pt").is_file()
+    assert checkpoint.read_marker(path)["world_size"] == 1 and not list(path.glob("module-*.safetensors"))
+    saved = AutoModelForCausalLM.from_pretrained(path).state_dict()  # the HF files hold the current weights
+    assert all(torch.equal(saved[n], p) for n, p in policy.lm.state_dict().items())
+    policy2, opt2, head2 = parts()
+    got = checkpoint.load_checkpoint(path, policy2, modules={"head": head2}, sharded=True, optimizer=opt2)
+    assert got["step"] == 3 and got["components"] == {} and "rng" in got
+    assert all(torch.equal(p, q) for p, q in zip(policy.parameters(), policy2.parameters()))
+    assert torch.equal(head.weight, head2.weight) and len(opt2.state) == len(opt.state) > 0
+    for a, b in zip(opt.state.values(), opt2.state.values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    single = checkpoint.save_checkpoint(tmp_path, 4, policy.lm, tok, state)
+    assert not checkpoint.has_sharded_state(single) and "world_size" not in checkpoint.read_marker(single)
+    with pytest.raises(AlignRLError, match="written by a single-process run"):
+        checkpoint.load_checkpoint(single, policy2, sharded=True, optimizer=opt2)
+
+
+def test_hf_directory_from_given_weights(tiny_model, tmp_path):
+    """The one HF writer (final/, checkpoints, PPO's critic) saves given full weights (FSDP's gathered ones)
+    instead of the model's own, with the tokenizer, atomically."""
+    from alignrl.models import load_causal_lm, load_tokenizer, save_pretrained_atomic
+
+    model, tok = load_causal_lm(tiny_model), load_tokenizer(tiny_model)
+    given = {k: v + 1.0 for k, v in model.state_dict().items()}
+    save_pretrained_atomic(model, tok, tmp_path / "out", given)
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in given.items())
+    assert load_tokenizer(str(tmp_path / "out")).get_vocab() == tok.get_vocab()
+    assert not list(tmp_path.glob(".out.tmp-*"))
+
+
 def test_nonfinite_loss_skips_update_counts_and_aborts(tiny_model, tmp_path):
     cfg, run, model, tok, opt, sched = _tiny_run(tiny_model, tmp_path, "max_nonfinite_in_a_row=3")
     run.register(model, tok, optimizer=opt, scheduler=sched)

@@ -157,8 +157,10 @@ def test_seeded_sampling_draws_from_the_filtered_distribution():
 
 def test_unintegrated_algorithm_under_torchrun_is_a_one_line_error(monkeypatch, capsys):
     from alignrl import cli
+    from alignrl.algorithms import ALGORITHMS, AlgorithmSpec
 
-    monkeypatch.setitem(cli.ALGORITHMS, "toy", ("alignrl.trainers.ppo", "PPOConfig"))  # e.g. register_algorithm
+    toy = AlgorithmSpec("alignrl.trainers.ppo", "PPOConfig", "a trainer not integrated with torchrun", False)
+    monkeypatch.setitem(ALGORITHMS._entries, "toy", toy)
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert cli.main(["train", "toy", "model=x", "distributed=ddp"]) == 2
     assert "toy: multi-process (torchrun) runs are not supported yet" in capsys.readouterr().err

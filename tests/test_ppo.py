@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
+from alignrl.algos.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs, token_rewards
 from alignrl.algos.kl import kl_estimate
 from alignrl.cli import main
 from alignrl.config import load_config
@@ -31,6 +32,15 @@ def _cfg(**kw) -> ppo.PPOConfig:
     return cfg
 
 
+def _gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, cfg: ppo.PPOConfig):
+    """PPO's advantages and returns: the "gae" estimator on per-token rewards (scores already in them)."""
+    x = AdvantageInputs(
+        torch.zeros(rewards.shape[0], dtype=rewards.dtype), mask, kl_rewards=rewards, values=values,
+        gamma=cfg.gamma, lam=cfg.lam, whiten_rewards=cfg.whiten_rewards,
+    )  # fmt: skip
+    return ADVANTAGE_ESTIMATORS["gae"](x)
+
+
 # ----------------------------------------------------------------------------- per-batch math (float64)
 
 
@@ -40,7 +50,7 @@ def test_token_rewards_reference() -> None:
     kl = torch.randn(3, 5, generator=g, dtype=DT)
     kl = torch.where(_mask(lengths, 5).bool(), kl, torch.full_like(kl, 1e9))  # padding garbage must not leak
     scores = torch.tensor([2.0, -1.0, 0.5], dtype=DT)
-    out = ppo.token_rewards(scores, kl, _mask(lengths, 5), 0.1)
+    out = token_rewards(scores, _mask(lengths, 5), -0.1 * kl)
     for b, n in enumerate(lengths):
         for t in range(5):
             e = 0.0 if t >= n else -0.1 * kl[b, t].item() + (scores[b].item() if t == n - 1 else 0.0)
@@ -58,7 +68,7 @@ def test_advantages_and_returns_reference() -> None:
     valid = [(b, t) for b, n in enumerate(lengths) for t in range(n)]
     for whiten_rewards in (False, True):
         cfg = _cfg(gamma=0.9, lam=0.8, whiten_rewards=whiten_rewards)
-        adv, ret = ppo.advantages_and_returns(rewards, values, mask, cfg)
+        adv, ret = _gae(rewards, values, mask, cfg)
         r = rewards.clone()
         if whiten_rewards:
             xs = [rewards[b, t].item() for b, t in valid]
@@ -141,9 +151,9 @@ def test_bandit_converges_to_kl_regularised_optimum() -> None:
             arm = torch.multinomial(lp.exp(), N, replacement=True)
             old = lp[arm][:, None]
             kl = kl_estimate(old, ref_lp[arm][:, None], cfg.kl_estimator)
-            rewards = ppo.token_rewards(r[arm], kl, mask, beta)
+            rewards = token_rewards(r[arm], mask, -beta * kl)
             old_v = v.detach().expand(N, 1).clone()
-            adv, ret = ppo.advantages_and_returns(rewards, old_v, mask, cfg)
+            adv, ret = _gae(rewards, old_v, mask, cfg)
         for _ in range(cfg.num_ppo_epochs):
             perm = torch.randperm(N)
             for k in range(cfg.num_mini_batches):

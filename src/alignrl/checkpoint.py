@@ -1,4 +1,4 @@
-"""Checkpoints and exact resume: the one save/load path every trainer uses.
+"""Checkpoints and exact resume: the one save/load path every trainer uses, in one process and under torchrun.
 
 How to add checkpointing to a trainer (a few lines; sft.py and grpo.py are the worked examples):
 
@@ -27,13 +27,19 @@ global RNGs or be registered. Pass `loss=` and `run=` to loop.optimizer_step so 
 (metric skipped_updates_total) and max_nonfinite_in_a_row consecutive ones abort with a clear message.
 
 Layout of OUTPUT_DIR/checkpoint-STEP/ (written in a temporary sibling directory, fsynced, renamed):
-- a normal HF model directory (config.json, model.safetensors, tokenizer files); LoRA adapters are merged;
+- a normal HF model directory (config.json, model.safetensors, tokenizer files); LoRA adapters are merged, FSDP
+  shards gathered;
 - trainable.safetensors: the trainable parameters as they are in the training model (LoRA adapter weights),
   so a resume restores them exactly; only for peft models (a full model is restored from model.safetensors);
 - module-NAME.safetensors: each registered nn.Module component;
 - trainer_state.pt: the registered components' states, RNG states and counters (read with weights_only=True);
 - config.yaml: the run's config; alignrl_checkpoint.json: the completion marker, written last, listing every
   file with its size and SHA-256, and the algorithm. A directory without a valid marker (half-written) is never loaded.
+A multi-process run (torchrun; "sharded") keeps the model, the optimiser and the nn.Module components in
+distributed/ instead (torch.distributed.checkpoint shards written by every rank, loadable onto any world size; no
+trainable.safetensors or module-NAME.safetensors), each rank's RNG states in rng-rankR.pt, and its world size in
+the marker; rank 0 writes the rest and the marker once every rank's shards are on disk. Its resumes, in one
+process too, stay sharded.
 
 Signals: inside `stop_on_signals()` (the CLI wraps every command in it) the first SIGINT/SIGTERM asks the loop to
 save a checkpoint at the end of the current step and raise `TrainingStopped`; the CLI then exits with status
@@ -61,6 +67,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from alignrl import distributed as dist
 from alignrl.errors import AlignRLError
 from alignrl.models import atomic_dir, is_peft, unwrap, write_pretrained
 
@@ -69,6 +76,7 @@ STATE_FILE = "trainer_state.pt"
 TRAINABLE_FILE = "trainable.safetensors"
 FORMAT = 1
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")  # OUTPUT_DIR/checkpoint-STEP
+DCP_DIR = "distributed"  # inside checkpoint-STEP/ of a multi-process run: model + optimiser shards (DCP)
 
 
 class TrainingStopped(Exception):
@@ -157,13 +165,13 @@ def checkpoint_dir(out_dir: str | Path, step: int) -> Path:
     return Path(out_dir) / f"checkpoint-{step}"
 
 
-def _fsync_path(path: Path) -> None:
-    with contextlib.suppress(OSError):  # some filesystems cannot fsync directories
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def _rng_file(r: int) -> str:
+    return f"rng-rank{r}.pt"
+
+
+def has_sharded_state(path: str | Path) -> bool:
+    """True for a checkpoint written by a multi-process run (its state is in distributed/)."""
+    return (Path(path) / DCP_DIR).is_dir()
 
 
 def save_checkpoint(
@@ -175,29 +183,49 @@ def save_checkpoint(
     config_yaml: str | None = None,
     modules: dict[str, nn.Module] | None = None,
     meta: dict[str, Any] | None = None,
+    *,
+    sharded: bool = False,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> Path:
     """Write OUTPUT_DIR/checkpoint-STEP atomically: temp dir, files, marker last, fsync, rename, fsync parent.
-    `modules` (extra networks, e.g. a value head) go to module-NAME.safetensors; `state` to trainer_state.pt;
-    `meta` (e.g. the algorithm) to the marker."""
+    Every rank calls; rank 0 writes all but the shards (multi-process runs need storage every rank can reach).
+    `model` is the trained model, or the policy as wrapped by `loop.wrap_policy` (the HF files hold its full
+    weights, gathered from FSDP shards); `state` (rank 0's) goes to trainer_state.pt and `meta` (the algorithm)
+    to the marker. `sharded` (multi-process runs): `model`, `optimizer` and `modules` go to distributed/ as DCP
+    shards that every rank writes, each rank's RNG states to rng-rankR.pt, the world size to the marker; else
+    `modules` (extra networks, e.g. a value head) go to module-NAME.safetensors and a LoRA model's trainable
+    parameters to trainable.safetensors."""
     from safetensors.torch import save_file, save_model
 
     final = checkpoint_dir(out_dir, step)
-    with atomic_dir(final) as tmp:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is an ordinary directory
-        write_pretrained(model, tokenizer, tmp)
-        if is_peft(getattr(model, "module", model)):
-            trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-            save_file(trainable, str(tmp / TRAINABLE_FILE))
-        for name, module in (modules or {}).items():
-            save_model(module, str(tmp / f"module-{name}.safetensors"))
-        torch.save({"format": FORMAT, "step": step, **state}, tmp / STATE_FILE)
-        if config_yaml is not None:
-            (tmp / "config.yaml").write_text(config_yaml)
-        write_marker(tmp, step, meta)
-        _fsync_path(tmp)
-    _fsync_path(final.parent)
+    main = dist.is_main()
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_dir(final)) if main else None
+        tmp = Path(dist.broadcast_object(str(tmp)))
+        if sharded:
+            save_sharded(tmp / DCP_DIR, model, optimizer, modules)
+            torch.save(rng_state(), tmp / _rng_file(dist.rank()))
+        full = dist.full_state_dict(model) if dist.is_fsdp(model) else None  # every rank takes part
+        if main:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is an ordinary directory
+            lm = dist.inner(model)
+            write_pretrained(lm, tokenizer, tmp, full)
+            if not sharded:  # (sharded: the exact trainable weights and the modules are in distributed/)
+                if is_peft(lm):
+                    params = lm.named_parameters()
+                    trainable = {n: p.detach().cpu().contiguous() for n, p in params if p.requires_grad}
+                    save_file(trainable, str(tmp / TRAINABLE_FILE))
+                for name, module in (modules or {}).items():
+                    save_model(module, str(tmp / f"module-{name}.safetensors"))
+            torch.save({"format": FORMAT, "step": step, **state}, tmp / STATE_FILE)
+            if config_yaml is not None:
+                (tmp / "config.yaml").write_text(config_yaml)
+        dist.barrier()  # every rank's shards are on disk before the marker lists them
+        if main:
+            write_marker(tmp, step, {**(meta or {}), "world_size": dist.world_size()} if sharded else meta)
+    dist.barrier()  # renamed before any rank goes on (and possibly rotates or resumes)
     return final
 
 
@@ -356,23 +384,40 @@ def load_checkpoint(
     model: nn.Module,
     device: torch.device | str = "cpu",
     modules: dict[str, nn.Module] | None = None,
+    *,
+    sharded: bool = False,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> dict[str, Any]:
-    """Restore the model's (and `modules`') weights from `path`'s safetensors files and return the rest of the
-    state, read with torch.load(weights_only=True): no pickled code is ever executed."""
+    """Restore what `save_checkpoint` wrote into `model` and `modules` and return the rest of the state
+    (trainer_state.pt), read with torch.load(weights_only=True): no pickled code is ever executed. `sharded`:
+    `model` (the wrapped policy), `optimizer` and `modules` from distributed/, resharded onto this run's world
+    size, and "rng" replaced by this rank's own RNG states; else the weights from the safetensors files."""
     path = Path(path)
     if not is_complete(path):
         raise AlignRLError(f"resume: {path} is not a complete checkpoint")
-    try:
-        _load_weights(path, model, modules)
-    except AlignRLError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a corrupt file the checksums did not cover (format 1): one line
-        raise AlignRLError(f"resume: cannot read the weights in {path}: {type(e).__name__}: {e}") from None
-    try:
-        state = torch.load(path / STATE_FILE, map_location=device, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - corrupt or foreign file: one line
-        raise AlignRLError(f"resume: cannot read {path / STATE_FILE}: {type(e).__name__}: {e}") from None
+    if sharded:
+        if not has_sharded_state(path):
+            raise AlignRLError(f"resume: {path} was written by a single-process run; resume it with one process")
+        load_sharded(path / DCP_DIR, model, optimizer, modules)
+    else:
+        try:
+            _load_weights(path, model, modules)
+        except AlignRLError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a corrupt file the checksums did not cover (format 1): one line
+            raise AlignRLError(f"resume: cannot read the weights in {path}: {type(e).__name__}: {e}") from None
+    state = _read(path / STATE_FILE, device)
+    own = path / _rng_file(dist.rank())
+    if sharded and own.is_file():
+        state["rng"] = _read(own)
     return state
+
+
+def _read(file: Path, device: torch.device | str | None = None) -> Any:
+    try:
+        return torch.load(file, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - corrupt or foreign file: one line
+        raise AlignRLError(f"resume: cannot read {file}: {type(e).__name__}: {e}") from None
 
 
 def _load_weights(path: Path, model: nn.Module, modules: dict[str, nn.Module] | None) -> None:
@@ -415,6 +460,57 @@ def _load_hf_weights(path: Path, model: nn.Module) -> None:
     if missing or result.unexpected_keys:
         bad = (missing or result.unexpected_keys)[0]
         raise AlignRLError(f"resume: {path} does not match this model (parameter {bad})")
+
+
+def _optim_owner(model: nn.Module, modules: dict[str, nn.Module] | None) -> nn.Module:
+    """A module holding every parameter the optimiser may update: the policy and the extra modules (PPO's one
+    optimiser also steps the critic), so each optimiser entry gets a fully-qualified name."""
+    return nn.ModuleList([model, *modules.values()]) if modules else model
+
+
+def _dcp_state(model: nn.Module, optimizer, modules: dict[str, nn.Module] | None) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optim"] = get_optimizer_state_dict(_optim_owner(model, modules), optimizer)
+    for name, m in (modules or {}).items():
+        state[f"module/{name}"] = get_model_state_dict(m)
+    return state
+
+
+def save_sharded(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    modules: dict[str, nn.Module] | None = None,
+) -> None:
+    """Model, optimiser (and extra modules', e.g. a value head's) state with torch.distributed.checkpoint: every
+    rank writes its own shards into `path` (storage all ranks can reach); all ranks call. Loads onto any world
+    size."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_dcp_state(model, optimizer, modules), checkpoint_id=str(path))
+
+
+def load_sharded(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    modules: dict[str, nn.Module] | None = None,
+) -> None:
+    """Load what `save_sharded` wrote into the (wrapped) model, optimiser and modules, resharding as needed; all
+    ranks call."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    state = _dcp_state(model, optimizer, modules)
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(_optim_owner(model, modules), optimizer, state["optim"])
+    for name, m in (modules or {}).items():
+        set_model_state_dict(m, state[f"module/{name}"])
 
 
 # ---------------------------------------------------------------------------------------------------- signals

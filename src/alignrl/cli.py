@@ -4,25 +4,11 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
+from alignrl.algorithms import ALGORITHMS
 from alignrl.errors import AlignRLError
-
-# algorithm -> (module with `train` and its config class name)
-ALGORITHMS = {
-    "sft": ("alignrl.trainers.sft", "SFTConfig"),
-    "grpo": ("alignrl.trainers.grpo", "GRPOConfig"),
-    "dpo": ("alignrl.trainers.dpo", "DPOConfig"),
-    "rm": ("alignrl.trainers.rm", "RMConfig"),
-    "ppo": ("alignrl.trainers.ppo", "PPOConfig"),
-}
-
-
-def register_algorithm(name: str, module: str, config_class: str) -> None:
-    """Make `alignrl train NAME` available (used by trainer modules added later)."""
-    ALGORITHMS[name] = (module, config_class)
 
 
 def _quiet_transformers() -> None:
@@ -37,15 +23,13 @@ def run_training(algo: str, config: str | None, overrides: list[str]):
     """Load ALGO's config (YAML + overrides) and train; returns the final model directory."""
     from alignrl.config import load_config
 
-    if algo not in ALGORITHMS:
-        raise AlignRLError(f"unknown algorithm {algo!r} (choose from {', '.join(sorted(ALGORITHMS))})")
-    module_name, cls_name = ALGORITHMS[algo]
-    module = importlib.import_module(module_name)
-    from alignrl.distributed import MULTI_PROCESS_ALGORITHMS, env_world_size, shutdown
+    spec = ALGORITHMS[algo]  # an unknown name: one line listing the choices
+    module, config_class = spec.load()
+    from alignrl.distributed import env_world_size, shutdown
 
-    if env_world_size() > 1 and algo not in MULTI_PROCESS_ALGORITHMS:
+    if env_world_size() > 1 and not spec.multi_process:
         raise AlignRLError(f"{algo}: multi-process (torchrun) runs are not supported yet; run it in one process")
-    cfg = load_config(getattr(module, cls_name), config, overrides)
+    cfg = load_config(config_class, config, overrides)
     final = module.train(cfg)
     shutdown()  # torchrun: leave the process group now that train() and its DDP/FSDP wrappers are gone
     return final
@@ -75,6 +59,8 @@ def _main(argv: list[str] | None) -> int:
     p_init.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
 
     p_train = sub.add_parser("train", help="train with an algorithm: " + ", ".join(ALGORITHMS))
+    p_train.description = "algorithms:\n" + "\n".join(f"  {n:<13} {ALGORITHMS[n].summary}" for n in ALGORITHMS)
+    p_train.formatter_class = argparse.RawDescriptionHelpFormatter
     p_train.add_argument("algo")
     p_train.add_argument("--config", help="YAML config file")
     p_train.add_argument("overrides", nargs="*", help="key=value overrides")

@@ -112,8 +112,10 @@ class TrainConfig:
 
 
 def algorithm_of(cfg: Any) -> str:
-    """The algorithm a config belongs to, from its class name (GRPOConfig -> grpo; TrainConfig -> train)."""
-    return type(cfg).__name__.removesuffix("Config").lower()
+    """The registered name of the algorithm a config belongs to (alignrl.algorithms)."""
+    from alignrl.algorithms import name_of
+
+    return name_of(cfg)
 
 
 def _type_name(tp: Any) -> str:

@@ -1,5 +1,6 @@
 """Multi-process training under torchrun: process group, data sharding, global reductions, DDP/FSDP2 wrapping,
-full weights for generation and saving, sharded (DCP) checkpoints. Every helper is a no-op in a single process.
+full weights for generation and saving. Every helper is a no-op in a single process. Checkpoints (sharded with
+torch.distributed.checkpoint under torchrun) and final/ are written by `alignrl.checkpoint` and `loop.finish`.
 
 Conventions every trainer follows (see docs/distributed.md):
 - batch sizes in configs are GLOBAL; each rank takes a disjoint contiguous shard (`shard`), GRPO groups stay whole;
@@ -17,7 +18,6 @@ import contextlib
 import gc
 import os
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import torch
@@ -29,7 +29,6 @@ from alignrl.logprobs import token_logprobs
 from alignrl.models import is_peft, resolve_device
 
 Mode = Literal["none", "ddp", "fsdp"]
-MULTI_PROCESS_ALGORITHMS = {"sft", "rm", "dpo", "grpo", "ppo"}  # trainers integrated with this module
 T = TypeVar("T")
 
 
@@ -186,6 +185,15 @@ def all_gather_objects(items: list[Any]) -> list[Any]:
     return [x for part in out for x in part]
 
 
+def broadcast_object(obj: T) -> T:
+    """Rank 0's python object on every rank."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def reduce_metrics(
     metrics: dict[str, float],
     *,
@@ -314,6 +322,24 @@ def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
+def is_fsdp(model: nn.Module) -> bool:
+    """True when FSDP shards the model's parameters over the ranks (its full weights need `full_state_dict`)."""
+    return is_dist() and bool(_fsdp_modules(model))
+
+
+def full_state_dict(policy: nn.Module) -> dict[str, torch.Tensor]:
+    """The inner model's full (unsharded) state dict on CPU, on rank 0 (other ranks get {}); every rank must call."""
+    model = inner(policy)
+    if not _fsdp_modules(policy):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()} if is_main() else {}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not isinstance(getattr(policy, "module", policy), ForwardFn):
+        return sd
+    return {k.removeprefix("lm."): v for k, v in sd.items()}
+
+
 @contextlib.contextmanager
 def full_params(policy: nn.Module) -> Iterator[nn.Module]:
     """Yield the inner model with full parameters on every rank (for the sampling loop); FSDP: all-gather every
@@ -359,179 +385,3 @@ def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
     finally:
         for m in mods:
             m.set_requires_gradient_sync(True, recurse=False)  # type: ignore[operator]
-
-
-# ---------------------------------------------------------------- saving and checkpoints
-
-
-def full_state_dict(policy: nn.Module) -> dict[str, torch.Tensor]:
-    """The inner model's full (unsharded) state dict on CPU, on rank 0 (other ranks get {}); every rank must call."""
-    model = inner(policy)
-    if not _fsdp_modules(policy):
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()} if is_main() else {}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not isinstance(getattr(policy, "module", policy), ForwardFn):
-        return sd
-    return {k.removeprefix("lm."): v for k, v in sd.items()}
-
-
-def save_final(policy: nn.Module, tokenizer: Any, out_dir: str | Path) -> None:
-    """Consolidated HF directory (safetensors, loadable with from_pretrained) written by rank 0; all ranks call."""
-    from alignrl.models import atomic_dir, save_pretrained_atomic
-
-    model = inner(policy)
-    if not _fsdp_modules(policy):
-        if is_main():
-            save_pretrained_atomic(model, tokenizer, out_dir)
-        barrier()
-        return
-    sd = full_state_dict(policy)
-    if is_main():
-        with atomic_dir(out_dir) as tmp:
-            model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)  # type: ignore[operator]
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-    barrier()
-
-
-def _optim_owner(policy: nn.Module, modules: dict[str, nn.Module] | None) -> nn.Module:
-    """A module holding every parameter the optimiser may update: the policy and the extra modules (PPO's one
-    optimiser also steps the critic), so each optimiser entry gets a fully-qualified name."""
-    return nn.ModuleList([policy, *modules.values()]) if modules else policy
-
-
-def _dcp_state(policy: nn.Module, optimizer, modules: dict[str, nn.Module] | None) -> dict[str, Any]:
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    state: dict[str, Any] = {"model": get_model_state_dict(policy)}
-    if optimizer is not None:
-        state["optim"] = get_optimizer_state_dict(_optim_owner(policy, modules), optimizer)
-    for name, m in (modules or {}).items():
-        state[f"module/{name}"] = get_model_state_dict(m)
-    return state
-
-
-def save_sharded(
-    path: str | Path,
-    policy: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    modules: dict[str, nn.Module] | None = None,
-) -> None:
-    """Model, optimiser (and extra modules', e.g. a value head's) state with torch.distributed.checkpoint: every
-    rank writes its own shards into `path` (storage all ranks can reach); all ranks call. Loads onto any world
-    size."""
-    import torch.distributed.checkpoint as dcp
-
-    dcp.save(_dcp_state(policy, optimizer, modules), checkpoint_id=str(path))
-
-
-def load_sharded(
-    path: str | Path,
-    policy: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    modules: dict[str, nn.Module] | None = None,
-) -> None:
-    """Load what `save_sharded` wrote into the (wrapped) model, optimiser and modules, resharding as needed; all
-    ranks call."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
-    state = _dcp_state(policy, optimizer, modules)
-    dcp.load(state, checkpoint_id=str(path))
-    set_model_state_dict(policy, state["model"])
-    if optimizer is not None:
-        set_optimizer_state_dict(_optim_owner(policy, modules), optimizer, state["optim"])
-    for name, m in (modules or {}).items():
-        set_model_state_dict(m, state[f"module/{name}"])
-
-
-def broadcast_object(obj: T) -> T:
-    """Rank 0's python object on every rank."""
-    if not is_dist():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-DCP_DIR = "distributed"  # inside checkpoint-STEP/: the sharded model + optimiser state (torch.distributed.checkpoint)
-
-
-def _rng_file(r: int) -> str:
-    return f"rng-rank{r}.pt"
-
-
-def save_checkpoint(
-    out_dir: str | Path,
-    step: int,
-    policy: nn.Module,
-    tokenizer: Any,
-    optimizer: torch.optim.Optimizer | None,
-    state: dict[str, Any],
-    config_yaml: str | None = None,
-    modules: dict[str, nn.Module] | None = None,
-    meta: dict[str, Any] | None = None,
-) -> Path:
-    """OUTPUT_DIR/checkpoint-STEP of a multi-process run, in the layout of `alignrl.checkpoint` plus
-    `distributed/` (model and optimiser shards written by every rank with DCP) and `rng-rankR.pt` (each rank's
-    RNG states); the HF model files are the consolidated weights (rank 0). `state` (rank 0's: components other
-    than the optimiser, counters) goes to trainer_state.pt. Written in a temp dir and renamed by rank 0 once every
-    rank's files are complete; all ranks call. Needs storage every rank can reach (a shared filesystem)."""
-    from alignrl import checkpoint as ck
-    from alignrl.models import atomic_dir, write_pretrained
-
-    final = ck.checkpoint_dir(out_dir, step)
-    with contextlib.ExitStack() as stack:
-        tmp = stack.enter_context(atomic_dir(final)) if is_main() else None
-        tmp = Path(broadcast_object(str(tmp)))
-        save_sharded(tmp / DCP_DIR, policy, optimizer, modules)
-        torch.save(ck.rng_state(), tmp / _rng_file(rank()))
-        sd = full_state_dict(policy)
-        if is_main():
-            if _fsdp_modules(policy):
-                inner(policy).save_pretrained(tmp, state_dict=sd, safe_serialization=True)  # type: ignore[operator]
-                if tokenizer is not None:
-                    tokenizer.save_pretrained(tmp)
-            else:
-                write_pretrained(inner(policy), tokenizer, tmp)
-            torch.save({"format": ck.FORMAT, "step": step, **state}, tmp / ck.STATE_FILE)
-            if config_yaml is not None:
-                (tmp / "config.yaml").write_text(config_yaml)
-        barrier()  # every rank's shards are on disk before the marker lists them
-        if is_main():
-            ck.write_marker(tmp, step, {**(meta or {}), "world_size": world_size()})
-    barrier()  # renamed before any rank goes on (and possibly rotates or resumes)
-    return final
-
-
-def has_sharded_state(path: str | Path) -> bool:
-    return (Path(path) / DCP_DIR).is_dir()
-
-
-def load_checkpoint(
-    path: str | Path,
-    policy: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    device: torch.device | str = "cpu",
-    modules: dict[str, nn.Module] | None = None,
-) -> dict[str, Any]:
-    """Restore model and optimiser from `path`/distributed (resharded onto this run's world size) and return
-    trainer_state.pt, with "rng" replaced by this rank's own RNG states when the checkpoint has them."""
-    from alignrl import checkpoint as ck
-
-    path = Path(path)
-    if not ck.is_complete(path):
-        raise AlignRLError(f"resume: {path} is not a complete checkpoint")
-    if not has_sharded_state(path):
-        raise AlignRLError(f"resume: {path} was written by a single-process run; resume it with one process")
-    load_sharded(path / DCP_DIR, policy, optimizer, modules)
-    try:
-        state = torch.load(path / ck.STATE_FILE, map_location=device, weights_only=True)
-        own = path / _rng_file(rank())
-        if own.is_file():
-            state["rng"] = torch.load(own, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - corrupt or foreign file: one line
-        raise AlignRLError(f"resume: cannot read {path}: {type(e).__name__}: {e}") from None
-    return state

@@ -309,15 +309,28 @@ def unwrap(model: nn.Module) -> PreTrainedModel:
     return inner  # type: ignore[return-value]
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file, or a directory's entries, to disk (some filesystems cannot fsync a directory: skipped)."""
+    with contextlib.suppress(OSError) if path.is_dir() else contextlib.nullcontext():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def _fsync_dir(path: Path) -> None:
-    for root, _, files in os.walk(path):
+    """Flush every file under `path`, then every directory (deepest first), so that renaming `path` into place
+    never exposes names without their data after a crash."""
+    for root, _, files in os.walk(path, topdown=False):
         for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
+            _fsync(Path(root, name))
+        _fsync(Path(root))
 
 
 def atomic_dir(final: str | Path):
-    """Context manager yielding a temporary sibling directory that replaces `final` only on success."""
+    """Context manager yielding a temporary sibling directory that replaces `final` only on success: its files
+    and directories are fsynced, it is renamed over `final`, and the parent directory is fsynced."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
 
@@ -336,6 +349,7 @@ def atomic_dir(final: str | Path):
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, final)
+            _fsync(final.parent)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -365,21 +379,32 @@ def _free_bytes(path: Path) -> int | None:
 
 
 def save_pretrained_atomic(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase | None,
+    out_dir: str | Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Save a loadable HF directory (safetensors); LoRA adapters are merged into a copy of the weights first."""
+    """Write a loadable HF directory (safetensors + tokenizer) at `out_dir`, atomically (`atomic_dir`): final/,
+    PPO's value_model/; `write_pretrained` (which checkpoints call inside their own temp dir) says what is written."""
     with atomic_dir(out_dir) as tmp:
-        write_pretrained(model, tokenizer, tmp)
+        write_pretrained(model, tokenizer, tmp, state_dict)
 
 
-def write_pretrained(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path) -> None:
-    """Write model (LoRA merged into a copy) and tokenizer into an existing directory (checkpoints use this too)."""
+def write_pretrained(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase | None,
+    out_dir: str | Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write model and tokenizer into an existing directory (`save_pretrained`, safetensors). The weights are
+    `state_dict` when given (full weights in the model's own keys, e.g. gathered from FSDP shards), else the
+    model's own, with LoRA adapters merged into a copy (the training model is left as it is)."""
     inner = getattr(model, "module", model)
-    if is_peft(inner):
+    if state_dict is None and is_peft(inner):
         import copy
 
         inner = copy.deepcopy(inner).merge_and_unload()  # type: ignore[operator]
-    inner.save_pretrained(out_dir, safe_serialization=True)  # type: ignore[union-attr]
+    inner.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)  # type: ignore[union-attr]
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
 

@@ -86,6 +86,54 @@ class ScoredRollout:
     rewards: torch.Tensor  # [N]
 
 
+def select_rollouts(s: ScoredRollout, keep: torch.Tensor) -> ScoredRollout:
+    """The samples where the bool mask `keep` [N] is set."""
+    r = s.rollout
+    k = keep.to(r.completion_ids.device)
+    fields = (r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, r.logprobs, r.truncated)
+    kept = keep.nonzero().squeeze(-1).tolist()
+    return ScoredRollout(
+        Rollout(*(t[k] for t in fields)),
+        [s.prompts[i] for i in kept],
+        [s.completions[i] for i in kept],
+        s.raw_rewards[keep.to(s.raw_rewards.device)],
+        s.rewards[keep.to(s.rewards.device)],
+    )
+
+
+def _pad_columns(t: torch.Tensor, width: int, value: float, left: bool) -> torch.Tensor:
+    extra = width - t.shape[1]
+    if extra == 0:
+        return t
+    pad = torch.full((t.shape[0], extra), value, dtype=t.dtype, device=t.device)
+    return torch.cat([pad, t] if left else [t, pad], dim=1)
+
+
+def concat_rollouts(parts: Sequence[ScoredRollout], pad_id: int) -> ScoredRollout:
+    """One scored rollout of several (prompts re-padded on the left, completions on the right)."""
+    P = max(p.rollout.prompt_ids.shape[1] for p in parts)
+    C = max(p.rollout.completion_ids.shape[1] for p in parts)
+
+    def cat(name: str, width: int, value: float, left: bool) -> torch.Tensor:
+        return torch.cat([_pad_columns(getattr(p.rollout, name), width, value, left) for p in parts])
+
+    rollout = Rollout(
+        cat("prompt_ids", P, pad_id, True),
+        cat("prompt_mask", P, 0, True),
+        cat("completion_ids", C, pad_id, False),
+        cat("completion_mask", C, 0, False),
+        cat("logprobs", C, 0.0, False),
+        torch.cat([p.rollout.truncated for p in parts]),
+    )
+    return ScoredRollout(
+        rollout,
+        [x for p in parts for x in p.prompts],
+        [x for p in parts for x in p.completions],
+        torch.cat([p.raw_rewards for p in parts]),
+        torch.cat([p.rewards for p in parts]),
+    )
+
+
 def sample_and_score(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,

@@ -18,15 +18,25 @@ import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
+from alignrl import distributed as dist
 from alignrl.errors import AlignRLError
 from alignrl.logprobs import needed_span, position_ids_from_mask
-from alignrl.models import DTYPES, check_model_dir, disable_dropout, model_load_errors, resolve_model_path, unwrap
+from alignrl.models import (
+    DTYPES,
+    check_model_dir,
+    disable_dropout,
+    enable_activation_checkpointing,
+    model_load_errors,
+    resolve_model_path,
+    unwrap,
+)
 
 
 def is_reward_model_dir(path: str | Path) -> bool:
@@ -164,3 +174,61 @@ def shared_values(model: nn.Module, head: ValueHead, input_ids, attention_mask, 
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
     ).last_hidden_state
     return head(hidden[:, start - 1 : -1])
+
+
+class Critic:
+    """Values for the states before completion tokens, from a separate value model or a head on the policy.
+
+    `wrapped` is the module the trainer computes with: the value model inside a `ForwardFn` of `token_values`
+    (or the shared head), DDP- or FSDP2-wrapped under torchrun like the policy; `module` is the plain one."""
+
+    def __init__(self, cfg: Any, policy: nn.Module, device: torch.device):
+        self.value_model: ValueModel | None = None
+        self.head: ValueHead | None = None
+        if cfg.critic == "shared":
+            lm = unwrap(policy)
+            self.head = ValueHead(lm.config.hidden_size, lm.dtype).to(device)
+            self.source = "shared policy trunk, zero-initialised head"
+        else:
+            path = cfg.value_model or next((f for f in cfg.reward_funcs if is_reward_model_dir(f)), cfg.model)
+            self.value_model = load_value_model(path, cfg.dtype, device)
+            if cfg.gradient_checkpointing:
+                enable_activation_checkpointing(self.value_model.model)
+            self.source = path
+        self.wrapped: nn.Module = self.module
+
+    @property
+    def module(self) -> nn.Module:
+        return self.value_model if self.value_model is not None else self.head  # type: ignore[return-value]
+
+    def wrap(self, mode: str, device: torch.device) -> None:
+        """DDP / FSDP2 under torchrun (before the optimiser is built); nothing in one process."""
+        if not dist.is_dist():
+            return
+        if self.head is not None:  # (not under fsdp: train() refuses critic=shared there)
+            self.wrapped = dist.wrap_model(self.head, mode, device)
+        else:
+            self.wrapped = dist.wrap_model(dist.ForwardFn(self.module, token_values), mode, device)
+
+    def values(self, policy: nn.Module, ids: torch.Tensor, attn: torch.Tensor, start: int, mask: torch.Tensor):
+        """Values [B, L - start]; positions after the last one `mask` marks may be 0 (the value model runs only the
+        columns the mask needs)."""
+        if self.value_model is not None:
+            return dist.call(self.wrapped, token_values, ids, attn, start=start, target_mask=mask)
+        # shared: only without gradients (rollout values); the update reads the head off the log-prob forward
+        return shared_values(dist.inner(policy), self.head, ids, attn, start=start)  # type: ignore[arg-type]
+
+    def save(self, out: Path, tokenizer) -> None:
+        """The trained critic (rank 0 writes; every rank calls)."""
+        from alignrl.models import save_pretrained_atomic
+
+        if self.value_model is None:
+            if dist.is_main():
+                torch.save(self.module.state_dict(), out / "value_head.pt")
+            dist.barrier()
+            return
+        sd = dist.full_state_dict(self.wrapped)  # FSDP: gathered; keys of the ValueModel
+        if dist.is_main():
+            hf = {k.removeprefix("model."): v for k, v in sd.items() if k.startswith("model.")}
+            save_pretrained_atomic(self.value_model.model, tokenizer, out / "value_model", state_dict=hf)
+        dist.barrier()

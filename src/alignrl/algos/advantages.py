@@ -6,21 +6,25 @@ Token-level inputs are ``[B, T]`` with a right-padded 0/1 completion mask.
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from alignrl.algos.utils import whiten
 from alignrl.errors import AlignRLError
+from alignrl.registry import Registry
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "GROUP_SCALES",
-    "AdvantageEstimator",
+    "AdvantageInputs",
     "gae",
     "group_advantages",
     "reinforce_pp_returns",
     "rloo_advantages",
+    "token_rewards",
 ]
 
 GROUP_SCALES: tuple[str, ...] = ("group", "batch", "none")
@@ -40,11 +44,19 @@ def _grouped(rewards: Tensor, group_size: int) -> Tensor:
     return rewards.view(-1, group_size)
 
 
-def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
+def group_advantages(
+    rewards: Tensor,
+    group_size: int,
+    scale: str = "group",
+    eps: float = 1e-4,
+    total: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """Â_i = (r_i − mean_group) / (std + eps), std of the group ("group"), the batch ("batch") or 1 ("none").
 
     std is the *unbiased* (n − 1) standard deviation, torch.std's default, as in TRL's GRPOTrainer, so
     results match TRL. "none" is Dr. GRPO (no std division). A group whose rewards are all equal gets 0.
+    With `total` (Σ over the parts of a batch split across processes, whole groups in each) the "batch" std
+    is that of every part's rewards together.
     """
     if scale not in GROUP_SCALES:
         raise AlignRLError(f"unknown advantage scale {scale!r}; valid: {', '.join(GROUP_SCALES)}")
@@ -54,7 +66,12 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps
         std = grouped.std(dim=1, keepdim=True).expand_as(grouped).reshape(-1)
         return centred / (std + eps)
     if scale == "batch":
-        return centred / (rewards.std() + eps)
+        if total is None:
+            return centred / (rewards.std() + eps)
+        n = total(torch.tensor(float(rewards.numel()), dtype=rewards.dtype, device=rewards.device))
+        mean = total(rewards.sum()) / n
+        std = (total(((rewards - mean) ** 2).sum()) / (n - 1)).sqrt()
+        return centred / (std + eps)
     return centred
 
 
@@ -63,25 +80,6 @@ def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
     grouped = _grouped(rewards, group_size)
     loo_mean = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
     return (grouped - loo_mean).reshape(-1)
-
-
-class AdvantageEstimator(Protocol):
-    """Uniform signature of the group-advantage registry entries."""
-
-    def __call__(
-        self, rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
-    ) -> Tensor: ...
-
-
-def _rloo_estimator(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
-    """RLOO advantages r_i − mean_{j≠i} r_j; `scale` and `eps` are ignored."""
-    return rloo_advantages(rewards, group_size)
-
-
-ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
-    "grpo": group_advantages,
-    "rloo": _rloo_estimator,
-}
 
 
 def _check_tokens(name: str, x: Tensor, mask: Tensor) -> None:
@@ -132,3 +130,82 @@ def reinforce_pp_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
             running = (r[:, t] + gamma * running) * m[:, t]
             out[:, t] = running
     return out
+
+
+def token_rewards(scores: Tensor, mask: Tensor, kl_rewards: Tensor | None = None) -> Tensor:
+    """r_t = kl_rewards_t (e.g. −β·kl_t) on valid tokens, plus the sequence's score at its last valid token."""
+    m = mask.to(scores.dtype if kl_rewards is None else kl_rewards.dtype)
+    rewards = torch.zeros_like(m) if kl_rewards is None else torch.where(m > 0, kl_rewards, torch.zeros_like(m))
+    last = (m.sum(-1).long() - 1).clamp(min=0)
+    has_tokens = (m.sum(-1) > 0).to(rewards.dtype)
+    return rewards.scatter_add(1, last[:, None], (scores.to(rewards.dtype) * has_tokens)[:, None])
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+@dataclass
+class AdvantageInputs:
+    """What an advantage estimator may read: per-sequence scores and per-token tensors [B, T] of one batch."""
+
+    scores: Tensor  # [B] sequence rewards, groups of `group_size` contiguous
+    mask: Tensor  # [B, T] 0/1 completion mask
+    group_size: int = 1
+    kl_rewards: Tensor | None = None  # [B, T] per-token rewards besides the score (−β·kl_t); None: none
+    values: Tensor | None = None  # [B, T] critic values (GAE)
+    gamma: float = 1.0
+    lam: float = 0.95
+    scale: str = "group"  # group-relative std: "group", "batch" or "none"
+    eps: float = 1e-4
+    whiten_rewards: bool = False  # GAE: whiten the per-token rewards first (mean kept)
+    total: Callable[[Tensor], Tensor] | None = None  # Σ over processes when the batch is split across them
+
+
+AdvantageEstimator = Callable[[AdvantageInputs], tuple[Tensor, Tensor]]
+ADVANTAGE_ESTIMATORS: Registry[AdvantageEstimator] = Registry("advantage estimator")
+
+
+def _per_token(adv: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    out = adv[:, None].expand(mask.shape)
+    return out, out
+
+
+@ADVANTAGE_ESTIMATORS.register("grpo")
+def grpo_estimator(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
+    """Â_i,t = (r_i − mean_group r) / (std + eps) at every token of completion i; returns = advantages."""
+    return _per_token(group_advantages(x.scores, x.group_size, x.scale, x.eps, x.total), x.mask)
+
+
+@ADVANTAGE_ESTIMATORS.register("rloo")
+def rloo_estimator(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
+    """Â_i,t = r_i − mean_{j≠i} r_j (leave-one-out within the group) at every token; returns = advantages."""
+    return _per_token(rloo_advantages(x.scores, x.group_size), x.mask)
+
+
+@ADVANTAGE_ESTIMATORS.register("gae")
+def gae_estimator(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
+    """GAE(γ, λ) on r_t = kl_rewards_t + score at the last token, then A whitened over the batch; R = A + V."""
+    if x.values is None:
+        raise AlignRLError("advantage estimator 'gae' needs critic values")
+    rewards = token_rewards(x.scores, x.mask, x.kl_rewards)
+    if x.whiten_rewards:
+        rewards = whiten(rewards, x.mask, shift_mean=False, total=x.total) * x.mask
+    adv, returns = gae(rewards, x.values, x.mask, x.gamma, x.lam)
+    return whiten(adv, x.mask, total=x.total) * x.mask, returns
+
+
+@ADVANTAGE_ESTIMATORS.register("reinforce_pp")
+def reinforce_pp_estimator(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
+    """REINFORCE++: G_t = Σ_{s≥t} γ^{s−t} r_s on r_t = kl_rewards_t + score at the last token, whitened over the
+    batch's valid tokens; returns = G."""
+    returns = reinforce_pp_returns(token_rewards(x.scores, x.mask, x.kl_rewards), x.mask, x.gamma)
+    return whiten(returns, x.mask, total=x.total) * x.mask, returns
+
+
+@ADVANTAGE_ESTIMATORS.register("reinforce_pp_baseline")
+def reinforce_pp_baseline_estimator(x: AdvantageInputs) -> tuple[Tensor, Tensor]:
+    """REINFORCE++-baseline: scores minus their group mean, then REINFORCE++ (return-to-go, batch whitening)."""
+    grouped = _grouped(x.scores, x.group_size)
+    centred = (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)
+    returns = reinforce_pp_returns(token_rewards(centred, x.mask, x.kl_rewards), x.mask, x.gamma)
+    return whiten(returns, x.mask, total=x.total) * x.mask, returns

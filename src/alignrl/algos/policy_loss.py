@@ -1,4 +1,4 @@
-"""Clipped policy-gradient loss (PPO / GRPO / DAPO / GSPO), loss aggregation, clipped value loss, KL stats.
+"""Policy losses (clipped: PPO / GRPO / DAPO / GSPO; CISPO), loss aggregations, clipped value loss, KL stats.
 
 Token-level tensors are ``[B, T]`` with a 0/1 completion mask. Per-token outputs are exactly 0 at
 masked-out positions (inputs there may be anything, including ±inf, without producing NaN).
@@ -6,23 +6,46 @@ masked-out positions (inputs there may be anything, including ±inf, without pro
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from alignrl.algos.utils import masked_mean
 from alignrl.errors import AlignRLError
+from alignrl.registry import Registry
 
 __all__ = [
     "IMPORTANCE_SAMPLING_LEVELS",
     "LOSS_AGGREGATIONS",
+    "POLICY_LOSSES",
     "aggregate_loss",
     "approx_kl_stats",
+    "cispo_loss",
     "clipped_policy_loss",
     "clipped_value_loss",
 ]
 
-IMPORTANCE_SAMPLING_LEVELS: tuple[str, ...] = ("token", "sequence")
-LOSS_AGGREGATIONS: tuple[str, ...] = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+# ρ from (per-token log-ratio, masked log π_θ, mask): the importance-sampling level of the clipped loss
+IMPORTANCE_SAMPLING_LEVELS: Registry[Callable[[Tensor, Tensor, Tensor], Tensor]] = Registry("importance sampling")
+
+
+@IMPORTANCE_SAMPLING_LEVELS.register("token")
+def token_ratio(log_ratio: Tensor, lp: Tensor, mask: Tensor) -> Tensor:
+    """ρ_t = exp(log π_θ(y_t) − log π_old(y_t))."""
+    return torch.exp(log_ratio)
+
+
+@IMPORTANCE_SAMPLING_LEVELS.register("sequence")
+def sequence_ratio(log_ratio: Tensor, lp: Tensor, mask: Tensor) -> Tensor:
+    """GSPO-token: s_i,t = sg[s_i]·exp(lp_t − sg[lp_t]), s_i = exp(mean_t log ρ_t); value s_i, gradient s_i·∇lp_t."""
+    seq_log_ratio = masked_mean(log_ratio, mask, dim=-1).detach()
+    return torch.exp(seq_log_ratio).unsqueeze(-1) * torch.exp(lp - lp.detach())
+
+
+# per-token policy losses: (logp, old_logp, advantages, mask, eps_low, eps_high, importance_sampling, dual_clip)
+# -> (loss [B, T], detached stats [B, T])
+POLICY_LOSSES: Registry[Callable[..., tuple[Tensor, dict[str, Tensor]]]] = Registry("policy loss")
 
 
 def _zero(x: Tensor) -> Tensor:
@@ -34,6 +57,20 @@ def _check_bt(name: str, x: Tensor, mask: Tensor) -> None:
         raise ValueError(f"{name} must be [B, T] like mask {tuple(mask.shape)}, got {tuple(x.shape)}")
 
 
+def _token_advantages(advantages: Tensor, logp: Tensor) -> Tensor:
+    """Advantages [B] (one per sequence) or [B, T] as detached [B, T] in logp's dtype."""
+    if advantages.dim() == 1 and advantages.shape[0] == logp.shape[0]:
+        adv = advantages.unsqueeze(-1).expand_as(logp)
+    elif advantages.shape == logp.shape:
+        adv = advantages
+    else:
+        raise ValueError(
+            f"advantages must be [B] or [B, T] for logp {tuple(logp.shape)}, got {tuple(advantages.shape)}"
+        )
+    return adv.detach().to(logp.dtype)
+
+
+@POLICY_LOSSES.register("clipped")
 def clipped_policy_loss(
     logp: Tensor,
     old_logp: Tensor,
@@ -62,35 +99,18 @@ def clipped_policy_loss(
     """
     _check_bt("logp", logp, mask)
     _check_bt("old_logp", old_logp, mask)
-    if importance_sampling not in IMPORTANCE_SAMPLING_LEVELS:
-        raise AlignRLError(
-            f"unknown importance_sampling {importance_sampling!r}; "
-            f"valid: {', '.join(IMPORTANCE_SAMPLING_LEVELS)}"
-        )
+    ratio_of = IMPORTANCE_SAMPLING_LEVELS[importance_sampling]
     if eps_low < 0 or eps_high < 0:
         raise AlignRLError(f"clip ranges must be >= 0, got eps_low={eps_low}, eps_high={eps_high}")
     if dual_clip is not None and dual_clip <= 1.0:
         raise AlignRLError(f"dual_clip must be > 1 (typically 3), got {dual_clip}")
-    if advantages.dim() == 1 and advantages.shape[0] == logp.shape[0]:
-        adv = advantages.unsqueeze(-1).expand_as(logp)
-    elif advantages.shape == logp.shape:
-        adv = advantages
-    else:
-        raise ValueError(
-            f"advantages must be [B] or [B, T] for logp {tuple(logp.shape)}, got {tuple(advantages.shape)}"
-        )
-    adv = adv.detach().to(logp.dtype)
-
+    adv = _token_advantages(advantages, logp)
     valid = mask != 0
     zero = _zero(logp)
     # sanitise padded positions first: exp(±inf) there would give NaN gradients through the where below
     lp = torch.where(valid, logp, zero)
     log_ratio = torch.where(valid, logp - old_logp.detach(), zero)
-    if importance_sampling == "token":
-        ratio = torch.exp(log_ratio)
-    else:
-        seq_log_ratio = masked_mean(log_ratio, mask, dim=-1).detach()
-        ratio = torch.exp(seq_log_ratio).unsqueeze(-1) * torch.exp(lp - lp.detach())
+    ratio = ratio_of(log_ratio, lp, mask)
 
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
@@ -116,6 +136,72 @@ def clipped_policy_loss(
     return loss, stats
 
 
+@POLICY_LOSSES.register("cispo")
+def cispo_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    eps_low: float = 1.0,
+    eps_high: float = 0.28,
+    importance_sampling: str = "token",
+    dual_clip: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token CISPO L = −sg(clip(ρ_t, 1−eps_low, 1+eps_high))·A·log π_θ(y_t); [B, T], 0 off-mask.
+
+    MiniMax-M1 (arXiv 2506.13585): the importance weight is clipped and detached, so every token keeps a gradient
+    (only its weight is bounded); at ρ = 1 the gradient is REINFORCE's −A·∇log π. Token-level ratios only
+    (`importance_sampling` must be "token"; `dual_clip` must be None). Stats as `clipped_policy_loss`, where
+    "clipped" means the weight was clipped.
+    """
+    _check_bt("logp", logp, mask)
+    _check_bt("old_logp", old_logp, mask)
+    if importance_sampling != "token" or dual_clip is not None:
+        raise AlignRLError("cispo: only token-level importance sampling and no dual_clip")
+    if eps_low < 0 or eps_high < 0:
+        raise AlignRLError(f"clip ranges must be >= 0, got eps_low={eps_low}, eps_high={eps_high}")
+    adv = _token_advantages(advantages, logp)
+    valid = mask != 0
+    zero = _zero(logp)
+    lp = torch.where(valid, logp, zero)
+    ratio = torch.exp(torch.where(valid, logp - old_logp, zero)).detach()
+    weight = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    loss = torch.where(valid, -weight * adv * lp, zero)
+    with torch.no_grad():
+        low = (ratio < 1.0 - eps_low) & valid
+        high = (ratio > 1.0 + eps_high) & valid
+        stats = {
+            "ratio": torch.where(valid, ratio, zero),
+            "is_low_clipped": low.to(logp.dtype),
+            "is_high_clipped": high.to(logp.dtype),
+            "is_clipped": (low | high).to(logp.dtype),
+            "is_dual_clipped": torch.zeros_like(lp),
+        }
+    return loss, stats
+
+
+# scalar loss from per-token losses: (Σ-ready masked losses, mask, num_tokens, num_seqs, max_completion_length)
+LOSS_AGGREGATIONS: Registry[Callable[[Tensor, Tensor, Tensor, Tensor, int], Tensor]] = Registry("loss aggregation")
+
+
+@LOSS_AGGREGATIONS.register("token_mean")
+def token_mean(lm: Tensor, m: Tensor, n_tok: Tensor, n_seq: Tensor, length: int) -> Tensor:
+    """DAPO: Σ_it m·L / num_tokens."""
+    return lm.sum() / n_tok
+
+
+@LOSS_AGGREGATIONS.register("seq_mean_token_mean")
+def seq_mean_token_mean(lm: Tensor, m: Tensor, n_tok: Tensor, n_seq: Tensor, length: int) -> Tensor:
+    """Original GRPO: Σ_i (Σ_t m·L / max(|y_i|, 1)) / num_seqs."""
+    return (lm.sum(dim=-1) / m.sum(dim=-1).clamp(min=1.0)).sum() / n_seq
+
+
+@LOSS_AGGREGATIONS.register("seq_mean_token_sum_norm")
+def seq_mean_token_sum_norm(lm: Tensor, m: Tensor, n_tok: Tensor, n_seq: Tensor, length: int) -> Tensor:
+    """Dr. GRPO: Σ_it m·L / (num_seqs · max_completion_length)."""
+    return lm.sum() / (n_seq * length)
+
+
 def aggregate_loss(
     per_token: Tensor,
     mask: Tensor,
@@ -125,11 +211,7 @@ def aggregate_loss(
     num_seqs: float | Tensor | None = None,
     max_completion_length: int | None = None,
 ) -> Tensor:
-    """Scalar loss from [B, T] per-token losses: token_mean, seq_mean_token_mean or seq_mean_token_sum_norm.
-
-    - "token_mean" (DAPO): Σ_it m·L / num_tokens.
-    - "seq_mean_token_mean" (original GRPO): Σ_i (Σ_t m·L / max(|y_i|, 1)) / num_seqs.
-    - "seq_mean_token_sum_norm" (Dr. GRPO): Σ_it m·L / (num_seqs · max_completion_length).
+    """Scalar loss from [B, T] per-token losses with the LOSS_AGGREGATIONS entry `mode`.
 
     Defaults: num_tokens = valid tokens of this batch, num_seqs = rows of this batch (empty rows included,
     as in TRL), max_completion_length = T of this batch — pass the configured maximum so the value does not
@@ -138,31 +220,22 @@ def aggregate_loss(
     valid token contribute 0, never NaN.
     """
     _check_bt("per_token", per_token, mask)
-    if mode not in LOSS_AGGREGATIONS:
-        raise AlignRLError(f"unknown loss aggregation {mode!r}; valid: {', '.join(LOSS_AGGREGATIONS)}")
+    fn = LOSS_AGGREGATIONS[mode]
     valid = mask != 0
     m = mask.to(per_token.dtype)
     lm = torch.where(valid, per_token * m, _zero(per_token))
     tiny = torch.finfo(per_token.dtype).tiny
-    if mode == "token_mean":
-        n_tok = (
-            m.sum()
-            if num_tokens is None
-            else torch.as_tensor(num_tokens, dtype=per_token.dtype, device=per_token.device)
-        )
-        return lm.sum() / n_tok.clamp(min=tiny)
-    n_seq = (
-        torch.tensor(float(per_token.shape[0]), dtype=per_token.dtype, device=per_token.device)
-        if num_seqs is None
-        else torch.as_tensor(num_seqs, dtype=per_token.dtype, device=per_token.device)
-    )
-    if mode == "seq_mean_token_mean":
-        per_seq = lm.sum(dim=-1) / m.sum(dim=-1).clamp(min=1.0)
-        return per_seq.sum() / n_seq.clamp(min=tiny)
+
+    def count(x: float | Tensor | None, default: Tensor) -> Tensor:
+        v = default if x is None else torch.as_tensor(x, dtype=per_token.dtype, device=per_token.device)
+        return v.clamp(min=tiny)
+
+    n_tok = count(num_tokens, m.sum())
+    n_seq = count(num_seqs, torch.tensor(float(per_token.shape[0]), dtype=per_token.dtype, device=per_token.device))
     length = per_token.shape[-1] if max_completion_length is None else max_completion_length
     if length <= 0:
         raise AlignRLError(f"max_completion_length must be > 0, got {length}")
-    return lm.sum() / (n_seq.clamp(min=tiny) * length)
+    return fn(lm, m, n_tok, n_seq, length)
 
 
 def clipped_value_loss(

@@ -7,10 +7,12 @@ pass no NaN gradient back.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-__all__ = ["masked_mean", "masked_sum", "masked_var", "whiten"]
+__all__ = ["masked_mean", "masked_moments", "masked_sum", "masked_var", "whiten"]
 
 
 def _check_mask(x: Tensor, mask: Tensor) -> None:
@@ -54,15 +56,30 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = False) -> Tensor:
     return var
 
 
-def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_moments(x: Tensor, mask: Tensor, total: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """(mean, biased var) of the valid entries; with `total` (Σ over the parts of a batch split across processes)
+    of every part's valid entries together."""
+    if total is None:
+        return masked_mean(x, mask), masked_var(x, mask, unbiased=False)
+    n = total(_count(x, mask, None)).clamp(min=torch.finfo(x.dtype).tiny)
+    mean = total(masked_sum(x, mask)) / n
+    return mean, total(masked_sum((x - mean) ** 2, mask)) / n
+
+
+def whiten(
+    x: Tensor,
+    mask: Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    total: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """(x − mean) / sqrt(var + eps) over valid entries, biased var; mean added back if not shift_mean.
 
-    Same as TRL's ``masked_whiten``. Mean and variance use only the valid entries, but the affine map is
-    applied to every position: outputs at masked-out positions are meaningless and must be masked by the
-    caller (they are not zeroed here).
+    Same as TRL's ``masked_whiten``. Mean and variance use only the valid entries (of every part of the batch
+    with `total`, see `masked_moments`), but the affine map is applied to every position: outputs at masked-out
+    positions are meaningless and must be masked by the caller (they are not zeroed here).
     """
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=False)
+    mean, var = masked_moments(x, mask, total)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -273,11 +273,12 @@ class RewardFunctions:
         data_name: str,
         timeout: float = 0.0,
         max_steps: int = 0,
+        required: bool = True,
     ):
         """`timeout` > 0: seconds one call may take before the run stops with an error naming the function;
-        `max_steps`: the run's length, which reward functions see in `trainer_state`."""
+        `max_steps`: the run's length, which reward functions see in `trainer_state`; `required`: at least one."""
         self.timeout = timeout
-        if not specs:
+        if not specs and required:
             raise AlignRLError("reward_funcs: at least one reward function is required")
         if weights and len(weights) != len(specs):
             raise AlignRLError(f"reward_weights: {len(weights)} weights for {len(specs)} reward functions")
@@ -349,8 +350,9 @@ class RewardFunctions:
             if not ok:
                 raise _call_error(name, values, self.timeout) from None
             self._store(out, j, name, values)
-        self.unrewarded[0] += int(out[:, : self.configured].isnan().all(dim=1).sum())
-        self.unrewarded[1] += n
+        if self.configured:  # (no configured function: nothing to be missing)
+            self.unrewarded[0] += int(out[:, : self.configured].isnan().all(dim=1).sum())
+            self.unrewarded[1] += n
         return out
 
     def _store(self, out: torch.Tensor, j: int, name: str, values: Any) -> None:

@@ -152,11 +152,11 @@ class Run:
         if self.resume_from is None:
             return 1
         modules = {n: c for n, c in components.items() if isinstance(c, nn.Module)}
-        if self._sharded():
-            state = dist.load_checkpoint(self.resume_from, self.policy, self._optimizer(), self.device, modules)
-        else:
-            state = checkpoint.load_checkpoint(self.resume_from, model, self.device, modules)
-        opt = self._optimizer() if self._sharded() else None  # multi-process: restored from distributed/ above
+        sharded = self._sharded()
+        opt = self._optimizer() if sharded else None  # multi-process: restored from distributed/ here
+        state = checkpoint.load_checkpoint(
+            self.resume_from, self.policy if sharded else model, self.device, modules, sharded=sharded, optimizer=opt
+        )
         skip = set(modules) | {n for n, c in components.items() if opt is not None and c is opt}
         missing = sorted(set(components) - skip - set(state.get("components", {})))
         if missing:
@@ -187,14 +187,10 @@ class Run:
         }
         cfg_text = (self.out / "config.yaml").read_text() if (self.out / "config.yaml").is_file() else None
         meta = {"algorithm": self.algorithm}
-        if sharded:
-            path = dist.save_checkpoint(
-                self.out, step, self.policy, self.tokenizer, opt, state, cfg_text, modules, meta
-            )
-        else:
-            path = checkpoint.save_checkpoint(
-                self.out, step, self.model, self.tokenizer, state, cfg_text, modules, meta
-            )
+        model = self.policy if sharded else self.model
+        path = checkpoint.save_checkpoint(
+            self.out, step, model, self.tokenizer, state, cfg_text, modules, meta, sharded=sharded, optimizer=opt
+        )
         self.last_saved = step
         if dist.is_main():
             checkpoint.rotate(self.out, self.cfg.save_total_limit)
@@ -205,7 +201,7 @@ class Run:
         """Multi-process runs (and resumes of their checkpoints) keep model + optimiser state in DCP shards."""
         if self.policy is None:
             return False
-        return dist.is_dist() or (self.resume_from is not None and dist.has_sharded_state(self.resume_from))
+        return dist.is_dist() or (self.resume_from is not None and checkpoint.has_sharded_state(self.resume_from))
 
     def _optimizer(self) -> torch.optim.Optimizer | None:
         return next((c for c in self.components.values() if isinstance(c, torch.optim.Optimizer)), None)
@@ -589,13 +585,17 @@ def _clean(v: Any) -> Any:
 
 
 def finish(run: Run, model: nn.Module, tokenizer: Any) -> Path:
-    """Write the final model as an HF directory in OUTPUT_DIR/final/ (atomically)."""
+    """Write the final model as an HF directory in OUTPUT_DIR/final/ (atomically; under torchrun rank 0 writes the
+    full weights, gathered from the FSDP shards; every rank calls)."""
     run.metrics.close()
     final = run.out / "final"
-    if run.policy is not None:
-        dist.save_final(run.policy, tokenizer, final)  # rank 0 writes the consolidated weights
-    else:
+    if run.policy is not None and dist.is_fsdp(run.policy):
+        full = dist.full_state_dict(run.policy)  # a collective: every rank takes part
+        if dist.is_main():
+            save_pretrained_atomic(model, tokenizer, final, full)
+    elif dist.is_main():
         save_pretrained_atomic(model, tokenizer, final)
+    dist.barrier()
     rundir.unlock(run.out)
     return final  # (under torchrun the CLI leaves the process group once train() and its wrappers are gone)
 

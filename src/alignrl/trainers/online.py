@@ -1,0 +1,494 @@
+"""The online-RL driver: sample → score → advantages → loss → optimiser step → evaluate / log / checkpoint.
+
+An online algorithm is a small module: an `OnlineConfig` subclass with its options and an `OnlineAlgorithm`
+subclass with its advantages (`prepare`) and its loss on a micro-batch (`loss`). Everything else happens here,
+once: the models, sampling, the reference (or teacher) pass, micro-batches, gradient synchronisation, optimiser
+steps, metrics, evaluation and checkpoints. Under torchrun each process holds whole groups of the batch; a
+`RolloutBatch` carries what the math needs from the other processes (`global_sum`, `num_seqs`, `offset`), so an
+algorithm's code reads as single-process code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from alignrl import checkpoint
+from alignrl import distributed as dist
+from alignrl.algos.utils import masked_mean, masked_moments
+from alignrl.config import TrainConfig
+from alignrl.data import Rows, infinite_batches, load_rows, require_columns
+from alignrl.errors import AlignRLError
+from alignrl.evaluation import eval_set, evaluate_online
+from alignrl.generation import SamplingParams
+from alignrl.models import adapter_disabled, is_peft
+from alignrl.rewards import RewardFunctions, check_sampling_options
+from alignrl.rollout import ScoredRollout, check_prompt_lengths, sample_and_score
+from alignrl.trainers import loop
+
+
+@dataclass
+class OnlineConfig(TrainConfig):
+    """Options every online algorithm shares: sampling, scoring, micro-batches, logging and evaluation."""
+
+    prompts_per_step: int = 8  # distinct prompts per rollout batch
+    num_generations: int = 8  # completions sampled per prompt (a group)
+    max_prompt_length: int = 512
+    max_completion_length: int = 256
+    temperature: float = 1.0  # sampling temperature; log-probs use logits / temperature
+    top_p: float = 1.0
+    top_k: int = 0
+    reward_funcs: list[str] = field(default_factory=lambda: ["gsm8k"])  # built-ins, module:fn, file.py:fn, RM dirs
+    reward_weights: list[float] | None = None
+    reward_timeout: float = 600.0  # seconds one reward-function call may take before the run stops; 0: no limit
+    micro_batch_size: int = 0  # > 0: sequences per forward/backward (overrides micro_batch_tokens); 0: by tokens
+    log_completions: int = 4  # completions written to samples.jsonl every logging step
+    # held-out evaluation (eval_file, every eval_steps and at the end): eval/... metrics, completions in samples.jsonl
+    eval_reward_funcs: list[str] | None = None  # reward functions for evaluation; None: reward_funcs
+    eval_pass_k: int = 0  # > 0: also pass@k from k samples per eval prompt at `temperature`
+
+    MIN_GENERATIONS: ClassVar[int] = 1
+
+    def validate(self) -> None:
+        super().validate()
+        if self.gradient_accumulation_steps != 1:
+            raise AlignRLError(
+                "gradient_accumulation_steps: online algorithms split batches by micro_batch_tokens / "
+                "micro_batch_size instead"
+            )
+        for name in ("prompts_per_step", "max_prompt_length", "max_completion_length"):
+            if getattr(self, name) < 1:
+                raise AlignRLError(f"{name}: must be ≥ 1")
+        if self.num_generations < self.MIN_GENERATIONS:
+            raise AlignRLError(
+                f"num_generations: must be ≥ {self.MIN_GENERATIONS} (advantages are relative to the group)"
+            )
+        check_sampling_options(self)
+        if self.micro_batch_size < 0:
+            raise AlignRLError("micro_batch_size: must be ≥ 0 (0: split by micro_batch_tokens)")
+        loop.check_token_budget(self, self.max_prompt_length + self.max_completion_length, "prompt + completion")
+
+    @property
+    def batch_size(self) -> int:
+        return self.prompts_per_step * self.num_generations
+
+
+@dataclass
+class RolloutBatch:
+    """One scored rollout batch: this process's rows ([B, ...]; token tensors [B, C] over completion tokens) and what
+    the math needs from the whole batch. Algorithms fill `advantages` (and `extra`) in `prepare`."""
+
+    input_ids: Tensor  # [B, P + C] prompt + completion
+    attention_mask: Tensor
+    completion_mask: Tensor  # [B, C] 1 on sampled tokens (the tokens that carry log-probs)
+    loss_mask: Tensor  # [B, C] float: the tokens the loss averages over (completion_mask, possibly fewer)
+    old_logp: Tensor  # [B, C] log π_old(y_t) from the sampling pass (temperature-scaled)
+    scores: Tensor  # [B] combined reward of each completion
+    truncated: Tensor  # [B] bool: hit max_completion_length without EOS
+    prompt_len: int  # P: completion tokens start here
+    group_size: int  # completions per prompt, contiguous
+    num_seqs: int  # rows of the global batch (all processes)
+    offset: int  # this process's first row in the global batch
+    global_sum: Callable[[Any], Any] | None = None  # Σ over processes; None: this process holds the whole batch
+    ref_logp: Tensor | None = None  # [B, C] reference (or teacher) log-probs, when the algorithm asks for them
+    advantages: Tensor | None = None  # [B, C] or [B]
+    extra: dict[str, Tensor] = field(default_factory=dict)  # algorithm-specific per-row tensors
+
+    @property
+    def num_rows(self) -> int:
+        """Rows this process holds."""
+        return self.input_ids.shape[0]
+
+    def total(self, x: Any) -> Any:
+        """Σ of `x` over every process's part of the batch."""
+        return x if self.global_sum is None else self.global_sum(x)
+
+    def select(self, rows: Tensor) -> RolloutBatch:
+        """The micro-batch of `rows` (every per-row tensor indexed; batch-level fields kept)."""
+        n = self.input_ids.shape[0]
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n:
+                v = v[rows]
+            out[f.name] = v
+        out["extra"] = {k: v[rows] for k, v in self.extra.items()}
+        return RolloutBatch(**out)
+
+
+@dataclass
+class Forward:
+    """What one training forward returns for a micro-batch."""
+
+    logp: Tensor  # [b, C] log π_θ(y_t)
+    entropy: Tensor | None = None  # [b, C] when asked
+    values: Tensor | None = None  # [b, C] for algorithms with a critic
+
+
+@dataclass
+class Norms:
+    """Loss normalisers of the whole (mini)batch across processes, so that summing micro-batch losses gives the
+    (mini)batch's loss however it is split."""
+
+    num_tokens: Tensor | float  # valid loss tokens
+    num_seqs: Tensor | int  # sequences
+    max_completion_length: int
+
+
+class OnlineAlgorithm:
+    """An online algorithm on the driver: override `prepare` (advantages) and `loss`; the other hooks have
+    defaults. `self.cfg` is the run's config, `self.ctx` the driver's models (set before `setup`)."""
+
+    epochs: int = 1  # passes over each rollout batch
+    minibatches: int = 1  # optimiser steps per pass
+    shuffle: bool = False  # shuffle the rows into minibatches (each pass, the same on every process)
+    rewards_required: bool = True  # at least one reward function (on-policy distillation needs none)
+
+    def __init__(self, cfg: OnlineConfig):
+        self.cfg = cfg
+        self.ctx: Context
+
+    def reference_model(self) -> str | None:
+        """HF directory whose log-probs fill `batch.ref_logp` (cfg.model: the starting policy; with LoRA the
+        policy with its adapter disabled), or None for no reference pass."""
+        return None
+
+    def setup(self) -> None:
+        """Extra models (a critic, a teacher) once the policy is loaded, before the optimiser is built."""
+
+    def trainable(self) -> nn.Module:
+        """What the optimiser steps and the gradient norm clips (the policy; PPO adds its critic)."""
+        return self.ctx.model
+
+    def multi_process_error(self, mode: str) -> str | None:
+        """Why this configuration cannot run in several processes (under `distributed: mode`), if it cannot."""
+        return None
+
+    def synced_modules(self) -> list[nn.Module]:
+        """Wrapped modules besides the policy whose gradients synchronise across processes (a critic)."""
+        return []
+
+    def extra_rewards(self) -> list[tuple[str, Callable[..., Any]]]:
+        """Reward functions the algorithm adds to the configured ones, as (name, function)."""
+        return []
+
+    def state(self) -> dict[str, Any]:
+        """Checkpointed components beyond the policy, optimiser, schedule and data order."""
+        return {}
+
+    def sample(self, stream: Iterator[list[int]], step: int) -> tuple[ScoredRollout, dict[str, float]]:
+        """This process's share of one scored rollout batch, and sampling metrics."""
+        return self.ctx.sample(next(stream), getattr(stream, "consumed", step)), {}
+
+    def prepare(self, batch: RolloutBatch, timer: loop.Timer) -> None:
+        """Fill batch.advantages (and anything else the loss needs) before the updates."""
+        raise NotImplementedError
+
+    def forward(self, mb: RolloutBatch, with_entropy: bool) -> Forward:
+        """The training forward of a micro-batch (under autocast; DDP/FSDP see it)."""
+        logp, ent = self.ctx.logprobs(self.ctx.policy, mb, with_entropy=with_entropy)
+        return Forward(logp, ent)
+
+    def loss(self, out: Forward, mb: RolloutBatch, norms: Norms) -> tuple[Tensor, dict[str, Tensor]]:
+        """Scalar loss of a micro-batch (normalised by `norms`, so micro-batch losses sum to the batch's) and
+        masked-mean statistics weighted by the micro-batch's loss tokens."""
+        raise NotImplementedError
+
+    def metrics(self, batch: RolloutBatch, stats: dict[str, float]) -> dict[str, float]:
+        """Algorithm metrics of the step (after the updates); `stats` holds the averaged loss statistics."""
+        return stats
+
+    def save(self, out: Path) -> None:
+        """Write extra trained models next to the final policy (every process calls)."""
+
+
+@dataclass
+class Context:
+    """The models and data of a run, as the algorithm sees them."""
+
+    cfg: OnlineConfig
+    run: loop.Run
+    model: nn.Module  # the plain (HF or peft) policy
+    policy: nn.Module  # the same, wrapped for DDP/FSDP under torchrun: forwards go through it
+    tokenizer: Any
+    data: Rows
+    reward_fns: RewardFunctions
+    reference: nn.Module | None = None
+
+    def reference_lm(self) -> nn.Module:
+        """The plain reference (or teacher) model inside its wrapper."""
+        assert self.reference is not None
+        return dist.inner(self.reference)
+
+    def logprobs(
+        self, model: nn.Module, mb: RolloutBatch, *, with_entropy: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """log π(y_t) (and entropy) of a micro-batch's completion tokens through `model`."""
+        return dist.logprobs(
+            model, mb.input_ids, mb.attention_mask, mb.completion_mask, start=mb.prompt_len,
+            temperature=self.cfg.temperature, with_entropy=with_entropy, chunk_tokens=self.cfg.logprob_chunk_tokens,
+        )  # fmt: skip
+
+    def sample(self, idx: list[int], batch_number: int) -> ScoredRollout:
+        """Sample and score this process's share of the prompts `idx` (whole groups). Each sample's noise is keyed
+        by (seed, batch number, index in the global batch): the completions do not depend on the split."""
+        cfg = self.cfg
+        params = SamplingParams(
+            cfg.max_completion_length, cfg.temperature, cfg.top_p, cfg.top_k, loop.autocast_dtype(cfg)
+        )
+        a, b = dist.shard_bounds(len(idx))
+        G = cfg.num_generations
+        base = (cfg.seed * 1_000_003 + batch_number) * 1_000_003
+        with dist.full_params(self.policy) as lm:
+            return sample_and_score(
+                lm, self.tokenizer, [self.data.rows[i] for i in idx[a:b]], [self.data.where(i) for i in idx[a:b]],
+                self.reward_fns, params, repeats=G, max_prompt_length=cfg.max_prompt_length,
+                device=self.run.device, seeds=[base + j for j in range(a * G, b * G)],
+            )  # fmt: skip
+
+
+def build_batch(scored: ScoredRollout, cfg: OnlineConfig) -> RolloutBatch:
+    """The rollout batch of this process's scored samples; the one place that gathers from other processes."""
+    ro = scored.rollout
+    n = ro.completion_ids.shape[0]
+    distributed = dist.is_dist()
+    num_seqs = dist.all_reduce(n) if distributed else n
+    offset = dist.shard_bounds(num_seqs, cfg.num_generations)[0] if distributed else 0
+    return RolloutBatch(
+        input_ids=ro.input_ids,
+        attention_mask=ro.attention_mask,
+        completion_mask=ro.completion_mask,
+        loss_mask=ro.completion_mask.float(),
+        old_logp=ro.logprobs,
+        scores=scored.rewards.float(),
+        truncated=ro.truncated,
+        prompt_len=ro.prompt_ids.shape[1],
+        group_size=cfg.num_generations,
+        num_seqs=num_seqs,
+        offset=offset,
+        global_sum=dist.all_reduce if distributed else None,
+    )
+
+
+def micro_batches(batch: RolloutBatch, rows: Tensor, cfg: OnlineConfig) -> list[tuple[Tensor, float]]:
+    """`rows` in micro-batches of similar lengths within the token budget (or micro_batch_size), with weights."""
+    lengths = batch.prompt_len + batch.completion_mask[rows].sum(1)
+    return loop.rollout_micro_batches(rows, lengths, cfg)
+
+
+def reference_pass(ctx: Context, algo: OnlineAlgorithm, batch: RolloutBatch) -> None:
+    """batch.ref_logp from the reference (or teacher) model; with LoRA and no separate model, the policy with its
+    adapter disabled."""
+    cfg = ctx.cfg
+    ref_logp = torch.zeros(batch.completion_mask.shape, device=batch.input_ids.device)
+    with torch.no_grad(), loop.autocast(cfg, ctx.run.device):
+        with adapter_disabled(ctx.model) if ctx.reference is None else contextlib.nullcontext():
+            for sel, w in micro_batches(batch, torch.arange(batch.num_rows, device=ref_logp.device), cfg):
+                logp = ctx.logprobs(ctx.reference or ctx.policy, batch.select(sel))[0]
+                if w:
+                    ref_logp[sel] = logp
+    batch.ref_logp = ref_logp
+
+
+def update(
+    ctx: Context, algo: OnlineAlgorithm, batch: RolloutBatch, opt, sched, seed: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """algo.epochs passes over the batch in algo.minibatches minibatches, one optimiser step each. Returns the loss
+    statistics (token-weighted means over all passes) and the last optimiser step's loss, gradient norm and lr.
+
+    Minibatches are parts of a permutation of the GLOBAL batch (the same on every process; the identity unless
+    algo.shuffle); each process runs its own rows of each minibatch in micro-batches and normalises by the
+    minibatch's global counts, so N processes make the single-process update."""
+    cfg, policy, device = ctx.cfg, ctx.policy, ctx.run.device
+    N, n, lo = batch.num_seqs, batch.num_rows, batch.offset
+    size = N // algo.minibatches
+    sums: dict[str, list[float]] = {}
+    losses: list[float] = []
+    upd: dict[str, float] = {}
+    params = algo.trainable()
+    whole = torch.arange(n, device=batch.input_ids.device)
+    micro_whole = micro_batches(batch, whole, cfg) if algo.minibatches == 1 and not algo.shuffle else None
+    for epoch in range(algo.epochs):
+        if algo.shuffle:
+            order = torch.randperm(N, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        for k in range(algo.minibatches):
+            if micro_whole is not None:
+                local, micro = whole, micro_whole
+            else:
+                glob = order[k * size : (k + 1) * size] if algo.shuffle else torch.arange(k * size, (k + 1) * size)
+                local = (glob[(glob >= lo) & (glob < lo + n)] - lo).to(whole.device)  # this process's rows of it
+                micro = micro_batches(batch, local, cfg)
+            norms = Norms(
+                num_tokens=batch.total(batch.loss_mask[local].sum()).clamp(min=1),
+                num_seqs=batch.total(len(local)),
+                max_completion_length=cfg.max_completion_length,
+            )
+            loss_total = 0.0
+            for j, (sel, w) in enumerate(micro):
+                mb = batch.select(sel)
+                last = j == len(micro) - 1
+                # DDP reads the sync flag in forward, FSDP in backward: both run inside grad_sync
+                with contextlib.ExitStack() as sync:
+                    for module in (policy, *algo.synced_modules()):
+                        sync.enter_context(dist.grad_sync(module, last))
+                    with loop.autocast(cfg, device):
+                        out = algo.forward(mb, with_entropy=epoch == 0)
+                    loss, st = algo.loss(out, mb, norms)
+                    (loss * (w * dist.grad_scale())).backward()
+                if not w:
+                    continue
+                loss_total += float(loss.detach())
+                weighted = [(st, float(mb.loss_mask.sum()))]
+                if out.entropy is not None:  # over every sampled token, loss or not
+                    sampled = mb.completion_mask.float()
+                    weighted.append(({"entropy": masked_mean(out.entropy, sampled)}, float(sampled.sum())))
+                for values, weight in weighted:
+                    for key, v in values.items():
+                        acc = sums.setdefault(key, [0.0, 0.0])
+                        acc[0] += float(v) * weight
+                        acc[1] += weight
+            losses.append(dist.all_reduce(loss_total))
+            upd = loop.optimizer_step(params, opt, sched, cfg, loss=losses[-1], run=ctx.run)
+    sums = {k: [dist.all_reduce(s), dist.all_reduce(w)] for k, (s, w) in sorted(sums.items())}
+    stats = {k: s / w if w else 0.0 for k, (s, w) in sums.items()}
+    return stats, {"loss": losses[-1], **upd}  # loss: of the last optimiser step
+
+
+def rollout_metrics(scored: ScoredRollout, batch: RolloutBatch, fns: RewardFunctions) -> dict[str, float]:
+    """Reward, length and advantage metrics over the global batch (gathered from every process)."""
+    ro = scored.rollout
+    rewards = dist.all_gather(scored.rewards.float())
+    raw = dist.all_gather(scored.raw_rewards)
+    lengths = dist.all_gather(ro.completion_mask.sum(-1).float())
+    m: dict[str, float] = {
+        "reward": float(rewards.mean()),
+        "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+        # samples for which every reward function returned None/NaN (their combined reward is 0)
+        "rewards/none_applicable": float(raw.isnan().all(dim=1).sum()),
+    }
+    for j, name in enumerate(fns.names):
+        col = raw[:, j]
+        valid = col[~col.isnan()]
+        m[f"rewards/{name}/mean"] = float(col.nanmean())
+        m[f"rewards/{name}/std"] = float(valid.std()) if valid.numel() > 1 else 0.0
+    if batch.group_size > 1:
+        m["frac_reward_zero_std"] = float((rewards.view(-1, batch.group_size).std(dim=1) == 0).float().mean())
+    adv = batch.advantages
+    if adv is not None and (adv.dim() == 1 or adv.stride(1) == 0):  # one value per sequence: sequence statistics
+        seq = dist.all_gather(adv if adv.dim() == 1 else adv[:, 0])
+        m["advantages/mean"] = float(seq.mean())
+        m["advantages/std"] = float(seq.std()) if seq.numel() > 1 else 0.0
+        m["advantages/abs_mean"] = float(seq.abs().mean())
+    elif adv is not None:  # per token: over the loss tokens
+        mean, var = masked_moments(adv, batch.loss_mask, batch.global_sum)
+        m["advantages/mean"] = float(mean)
+        m["advantages/std"] = float(var.sqrt())
+        m["advantages/abs_mean"] = float(masked_moments(adv.abs(), batch.loss_mask, batch.global_sum)[0])
+    m["completion_length/mean"] = float(lengths.mean())
+    m["completion_length/max"] = float(lengths.max())
+    m["truncation_rate"] = float(dist.all_gather(ro.truncated.float()).mean())
+    m["eos_rate"] = 1 - m["truncation_rate"]
+    return m
+
+
+def train(cfg: OnlineConfig, algo: OnlineAlgorithm) -> Path:
+    """Run an online algorithm; returns the final model directory."""
+    refusal = algo.multi_process_error(cfg.distributed) if dist.env_world_size() > 1 else None
+    if refusal:
+        raise AlignRLError(refusal)
+    run = loop.start_run(cfg)
+    model, tok = loop.load_policy(cfg, run.device, rl=True)
+    policy = loop.wrap_policy(run, model)  # DDP / FSDP under torchrun; log-probs go through it
+    if dist.world_size() > 1 and cfg.prompts_per_step % dist.world_size():
+        raise AlignRLError(
+            f"prompts_per_step ({cfg.prompts_per_step}) must be divisible by the {dist.world_size()} processes"
+        )
+    data = load_rows(cfg.train_file)
+    require_columns(data, ["prompt"])
+    check_prompt_lengths(data, tok, cfg.max_prompt_length, cfg.max_completion_length, model)
+    fns = RewardFunctions(
+        cfg.reward_funcs, cfg.reward_weights, set(data.rows[0]), cfg.train_file, cfg.reward_timeout, cfg.max_steps,
+        required=algo.rewards_required,
+    )  # fmt: skip
+    for name, fn in algo.extra_rewards():
+        fns.add(name, fn)
+    ctx = Context(cfg, run, model, policy, tok, data, fns)
+    algo.ctx = ctx
+    ref_path = algo.reference_model()
+    if ref_path is not None and not (is_peft(model) and ref_path == cfg.model):
+        ctx.reference = loop.load_reference(run, ref_path, "model" if ref_path == cfg.model else "teacher_model")
+    algo.setup()
+    eval_data, eval_fns = eval_set(cfg)
+    opt = loop.build_optimizer(algo.trainable(), cfg)  # after wrapping, before any forward (FSDP)
+    sched = loop.build_scheduler(opt, cfg, cfg.max_steps * algo.epochs * algo.minibatches)
+    stream = checkpoint.ReplayStream(lambda: infinite_batches(len(data), cfg.prompts_per_step, random.Random(cfg.seed)))
+    first = run.register(model, tok, optimizer=opt, scheduler=sched, data=stream, **algo.state())
+    if first == 1:  # the starting policy, before any update
+        evaluated, eval_samples = evaluate_online(policy, tok, eval_data, eval_fns, cfg, run.device, 0)
+        if evaluated:
+            run.metrics.log(0, evaluated)
+            run.metrics.samples(0, eval_samples)
+    for step in range(first, cfg.max_steps + 1):
+        timer = loop.Timer()
+        loop.release_freed_memory()  # the last update's activations and gradients, before the KV cache
+        fns.start_step(step - 1, cfg.max_steps)  # trainer_state: updates done so far (as TRL); this step's counts
+        with timer("generation"):
+            scored, metrics = algo.sample(stream, step)
+        loop.check_reward_signal(run, fns)
+        if scored.rollout.completion_ids.shape[0] == 0:  # e.g. dynamic sampling found no informative group
+            run.metrics.log(step, {**metrics, "skipped_step": 1.0})
+            run.end_step(step)
+            continue
+        batch = build_batch(scored, cfg)
+        if ref_path is not None:
+            with timer("reference"):
+                reference_pass(ctx, algo, batch)
+        algo.prepare(batch, timer)
+        seed = (cfg.seed * 1_000_003 + getattr(stream, "consumed", step)) * 1_000_003
+        with timer("update"):
+            stats, upd = update(ctx, algo, batch, opt, sched, seed)
+        metrics.update(upd)
+        metrics.update(rollout_metrics(scored, batch, fns))
+        metrics.update(algo.metrics(batch, stats))
+        metrics.update({f"time/{k}": v for k, v in timer.t.items()})
+        metrics["step_time"] = sum(timer.t.values())
+        log_step(ctx, step, metrics, scored, eval_data, eval_fns)
+    algo.save(run.out)
+    return loop.finish(run, model, tok)
+
+
+def log_step(ctx: Context, step: int, metrics: dict, scored: ScoredRollout, eval_data, eval_fns) -> None:
+    """Reward-function logs, evaluation when due, metrics and sample completions; then end the step (checkpoint)."""
+    cfg, run = ctx.cfg, ctx.run
+    extras = loop.add_reward_logs(metrics, ctx.reward_fns, len(scored.completions))
+    evaluated, eval_samples = evaluate_online(ctx.policy, ctx.tokenizer, eval_data, eval_fns, cfg, run.device, step)
+    metrics.update(evaluated)
+    if step % cfg.logging_steps == 0 or evaluated:
+        run.metrics.log(step, metrics)
+        n = min(cfg.log_completions, len(scored.completions))
+        rows = [
+            {"prompt": scored.prompts[i], "completion": scored.completions[i], "reward": float(scored.rewards[i]),
+             **extras[i]}
+            for i in range(n)
+        ]  # fmt: skip
+        run.metrics.samples(step, rows + eval_samples)
+    run.end_step(step)
+
+
+__all__ = [
+    "Context",
+    "Forward",
+    "Norms",
+    "OnlineAlgorithm",
+    "OnlineConfig",
+    "RolloutBatch",
+    "build_batch",
+    "train",
+]
