@@ -247,8 +247,8 @@ class ForwardFn(nn.Module):
 
 
 class PolicyLogProbs(ForwardFn):
-    """forward = the one log-prob path (`token_logprobs`) on the inner model; trainers call `logprobs(policy,
-    ...)` (or `policy(ids, attn, target_mask, start=...)`) instead of `token_logprobs(model, ...)`."""
+    """forward = the one log-prob path (`token_logprobs`) on the inner model; `token_logprobs(policy, ...)` given
+    this wrapper (DDP- or FSDP-wrapped) calls through it."""
 
     def __init__(self, lm: nn.Module):
         super().__init__(lm, token_logprobs)
@@ -259,23 +259,6 @@ def call(model: nn.Module, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T
     if isinstance(getattr(model, "module", model), ForwardFn):
         return model(*args, **kwargs)
     return fn(model, *args, **kwargs)
-
-
-def logprobs(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    target_mask: torch.Tensor,
-    *,
-    start: int,
-    temperature: float = 1.0,
-    with_entropy: bool = False,
-    chunk_tokens: int = 4096,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`token_logprobs` through the wrapped policy when given one (so DDP/FSDP see the forward), else directly;
-    trainers call this with the policy from `loop.wrap_policy` (helpers and tests may pass a plain model)."""
-    kw = {"start": start, "temperature": temperature, "with_entropy": with_entropy, "chunk_tokens": chunk_tokens}
-    return call(model, token_logprobs, input_ids, attention_mask, target_mask, **kw)
 
 
 def inner(policy: nn.Module) -> nn.Module:

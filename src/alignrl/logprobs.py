@@ -79,8 +79,13 @@ def token_logprobs(
     """Log-probs of input_ids[:, start:] under the model: logp[b, j] = log p(x_{start+j} | x_{<start+j}).
 
     `target_mask` [B, L - start] marks which targets to score; other positions are returned as 0.
-    Logits are divided by `temperature` (the sampling temperature) before the softmax.
+    Logits are divided by `temperature` (the sampling temperature) before the softmax. Given the DDP/FSDP-wrapped
+    policy (`distributed.PolicyLogProbs`), the call runs through the wrapper, so that DDP and FSDP see the forward.
     """
+    wrapper = getattr(model, "module", model)
+    if getattr(wrapper, "fn", None) is token_logprobs:
+        kw = {"start": start, "temperature": temperature, "with_entropy": with_entropy, "chunk_tokens": chunk_tokens}
+        return model(input_ids, attention_mask, target_mask, **kw)
     lm = unwrap(model)
     targets = input_ids[:, start:]
     sel = target_mask.bool()

@@ -7,18 +7,17 @@ token counts (clamped to >= 1, so an empty completion gives a finite value rathe
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from alignrl.errors import AlignRLError
+from alignrl.registry import Registry
 
 __all__ = ["PREFERENCE_LOSSES", "REFERENCE_FREE_LOSSES", "bradley_terry_loss", "log1mexp", "preference_loss"]
-
-PREFERENCE_LOSSES: tuple[str, ...] = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")
-REFERENCE_FREE_LOSSES: tuple[str, ...] = ("simpo", "orpo")
-_SMOOTHED: tuple[str, ...] = ("sigmoid", "robust", "simpo")
 
 
 def log1mexp(x: Tensor) -> Tensor:
@@ -29,6 +28,87 @@ def log1mexp(x: Tensor) -> Tensor:
 def _smoothed_sigmoid(logits: Tensor, eps: float) -> Tensor:
     """(1 − ε)(−log σ(z)) + ε(−log σ(−z)); ε = 0 is plain −log σ(z)."""
     return -(1.0 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+
+
+@dataclass
+class PairLogps:
+    """Summed completion log-probs of a batch of pairs [B] (policy; reference None for reference-free losses)."""
+
+    chosen: Tensor
+    rejected: Tensor
+    len_chosen: Tensor  # completion lengths, ≥ 1
+    len_rejected: Tensor
+    ref_chosen: Tensor | None = None
+    ref_rejected: Tensor | None = None
+
+    def margin(self) -> Tensor:
+        """h = [log π(y_w) − log π_ref(y_w)] − [log π(y_l) − log π_ref(y_l)]."""
+        return (self.chosen - self.ref_chosen) - (self.rejected - self.ref_rejected)  # type: ignore[operator]
+
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    fn: Callable[[PairLogps, float, float, float, float], Tensor]  # (logps, β, ε, simpo_gamma, orpo λ) -> [B]
+    reference_free: bool = False
+    label_smoothing: bool = False  # accepts label_smoothing ε
+
+
+PREFERENCE_LOSSES: Registry[PreferenceLoss] = Registry("preference loss_type")
+
+
+def _register(name: str, reference_free: bool = False, label_smoothing: bool = False):
+    def add(fn: Callable[[PairLogps, float, float, float, float], Tensor]):
+        PREFERENCE_LOSSES.add(name, PreferenceLoss(fn, reference_free, label_smoothing))
+        return fn
+
+    return add
+
+
+@_register("sigmoid", label_smoothing=True)
+def dpo_loss(x: PairLogps, beta: float, eps: float, gamma: float, lam: float) -> Tensor:
+    """DPO (cDPO with ε): (1−ε)(−log σ(βh)) + ε(−log σ(−βh))."""
+    return _smoothed_sigmoid(beta * x.margin(), eps)
+
+
+@_register("ipo")
+def ipo_loss(x: PairLogps, beta: float, eps: float, gamma: float, lam: float) -> Tensor:
+    """IPO: (h̄ − 1/(2β))² with h̄ from per-token averaged log-probs (policy and reference)."""
+    rw, rl, lw, ll = x.ref_chosen, x.ref_rejected, x.len_chosen, x.len_rejected
+    h_avg = (x.chosen / lw - rw / lw) - (x.rejected / ll - rl / ll)  # type: ignore[operator]
+    return (h_avg - 1.0 / (2.0 * beta)) ** 2
+
+
+@_register("hinge")
+def hinge_loss(x: PairLogps, beta: float, eps: float, gamma: float, lam: float) -> Tensor:
+    """SLiC: relu(1 − βh)."""
+    return torch.relu(1.0 - beta * x.margin())
+
+
+@_register("robust", label_smoothing=True)
+def robust_loss(x: PairLogps, beta: float, eps: float, gamma: float, lam: float) -> Tensor:
+    """Robust DPO: [(1−ε)(−log σ(βh)) − ε(−log σ(−βh))] / (1 − 2ε), ε < 0.5."""
+    h = x.margin()
+    return (-(1.0 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1.0 - 2.0 * eps)
+
+
+@_register("simpo", reference_free=True, label_smoothing=True)
+def simpo_loss(x: PairLogps, beta: float, eps: float, gamma: float, lam: float) -> Tensor:
+    """SimPO (no reference): −log σ(β·logp_w/|y_w| − β·logp_l/|y_l| − γ), label smoothing as cDPO."""
+    return _smoothed_sigmoid(beta * (x.chosen / x.len_chosen - x.rejected / x.len_rejected) - gamma, eps)
+
+
+@_register("orpo", reference_free=True)
+def orpo_loss(x: PairLogps, beta: float, eps: float, gamma: float, lam: float) -> Tensor:
+    """ORPO (no reference): −logp_w/|y_w| + λ·(−log σ(log odds_w − log odds_l)), log odds = m − log(1 − eᵐ) with m
+    the mean token log-prob (only an exact m = 0, P = 1, is nudged below 0)."""
+    avg_w, avg_l = x.chosen / x.len_chosen, x.rejected / x.len_rejected
+    x_w = avg_w.clamp(max=-torch.finfo(avg_w.dtype).eps)
+    x_l = avg_l.clamp(max=-torch.finfo(avg_l.dtype).eps)
+    log_odds = (x_w - log1mexp(x_w)) - (x_l - log1mexp(x_l))
+    return -avg_w - lam * F.logsigmoid(log_odds)
+
+
+REFERENCE_FREE_LOSSES: tuple[str, ...] = tuple(n for n in PREFERENCE_LOSSES if PREFERENCE_LOSSES[n].reference_free)
 
 
 def preference_loss(
@@ -45,75 +125,39 @@ def preference_loss(
     simpo_gamma: float = 0.5,
     orpo_lambda: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-pair loss [B] and implicit rewards (chosen [B], rejected [B]) for `loss_type` in PREFERENCE_LOSSES.
+    """Per-pair loss [B] and implicit rewards (chosen [B], rejected [B]) of the PREFERENCE_LOSSES entry `loss_type`.
 
-    With h = [log π(y_w) − log π_ref(y_w)] − [log π(y_l) − log π_ref(y_l)] (summed log-probs):
-    - "sigmoid" (DPO; cDPO with label_smoothing ε): (1−ε)(−log σ(βh)) + ε(−log σ(−βh)).
-    - "robust": [(1−ε)(−log σ(βh)) − ε(−log σ(−βh))] / (1 − 2ε), ε < 0.5.
-    - "ipo": (h̄ − 1/(2β))² with h̄ built from per-token averaged log-probs (logp / length, policy and ref).
-    - "hinge" (SLiC): relu(1 − βh).
-    - "simpo" (no reference): −log σ(β·logp_w/|y_w| − β·logp_l/|y_l| − simpo_gamma), label smoothing as cDPO.
-    - "orpo" (no reference): −logp_w/|y_w| + λ·(−log σ(log odds_w − log odds_l)), log odds = x − log(1 − eˣ)
-      with x the mean token log-prob, λ = orpo_lambda, or beta when None (TRL uses beta as λ). The NLL term is
-      per pair (TRL averages it over all chosen tokens of the batch instead).
-
-    Implicit rewards (detached, for logging): β·(log π − log π_ref) with summed log-probs for the
-    reference-based types (IPO included, although its loss uses averaged log-probs); β·logp/|y| for simpo
-    and orpo, as TRL logs them. label_smoothing is only accepted for sigmoid, robust and simpo.
+    Log-probs are summed over completion tokens. ORPO's λ is orpo_lambda, or beta when None (TRL uses beta as λ);
+    its NLL term is per pair (TRL averages it over all chosen tokens of the batch instead). Implicit rewards
+    (detached, for logging): β·(log π − log π_ref) with summed log-probs for the reference-based types (IPO
+    included, although its loss uses averaged log-probs); β·logp/|y| for the reference-free ones, as TRL logs them.
     """
-    if loss_type not in PREFERENCE_LOSSES:
-        raise AlignRLError(
-            f"unknown preference loss_type {loss_type!r}; valid: {', '.join(PREFERENCE_LOSSES)}"
-        )
+    spec = PREFERENCE_LOSSES[loss_type]
     if not beta > 0:
         raise AlignRLError(f"beta must be > 0, got {beta}")
     if not 0.0 <= label_smoothing <= 0.5:
         raise AlignRLError(f"label_smoothing must be in [0, 0.5], got {label_smoothing}")
-    if label_smoothing != 0.0 and loss_type not in _SMOOTHED:
+    if label_smoothing != 0.0 and not spec.label_smoothing:
+        smoothed = ", ".join(n for n in PREFERENCE_LOSSES if PREFERENCE_LOSSES[n].label_smoothing)
         raise AlignRLError(
-            f"label_smoothing={label_smoothing} has no effect with loss_type {loss_type!r}; "
-            f"it applies to {', '.join(_SMOOTHED)}"
+            f"label_smoothing={label_smoothing} has no effect with loss_type {loss_type!r}; it applies to {smoothed}"
         )
     if loss_type == "robust" and label_smoothing >= 0.5:
         raise AlignRLError("robust DPO needs label_smoothing < 0.5 (it divides by 1 − 2ε)")
-
     pw, pl = policy_chosen_logps, policy_rejected_logps
-    len_w = chosen_lengths.to(pw.dtype).clamp(min=1.0)
-    len_l = rejected_lengths.to(pl.dtype).clamp(min=1.0)
-
-    if loss_type in REFERENCE_FREE_LOSSES:
-        avg_w, avg_l = pw / len_w, pl / len_l
-        if loss_type == "simpo":
-            losses = _smoothed_sigmoid(beta * (avg_w - avg_l) - simpo_gamma, label_smoothing)
-        else:
-            lam = beta if orpo_lambda is None else orpo_lambda
-            # mean log-prob must be < 0 for finite odds; only an exact 0 (P = 1) is nudged
-            x_w = avg_w.clamp(max=-torch.finfo(pw.dtype).eps)
-            x_l = avg_l.clamp(max=-torch.finfo(pl.dtype).eps)
-            log_odds = (x_w - log1mexp(x_w)) - (x_l - log1mexp(x_l))
-            losses = -avg_w - lam * F.logsigmoid(log_odds)
-        return losses, (beta * avg_w).detach(), (beta * avg_l).detach()
-
+    x = PairLogps(pw, pl, chosen_lengths.to(pw.dtype).clamp(min=1.0), rejected_lengths.to(pl.dtype).clamp(min=1.0))
+    lam = beta if orpo_lambda is None else orpo_lambda
+    if spec.reference_free:
+        losses = spec.fn(x, beta, label_smoothing, simpo_gamma, lam)
+        return losses, (beta * (pw / x.len_chosen)).detach(), (beta * (pl / x.len_rejected)).detach()
     if ref_chosen_logps is None or ref_rejected_logps is None:
         raise AlignRLError(
             f"loss_type {loss_type!r} needs reference log-probs (ref_chosen_logps and ref_rejected_logps); "
             f"reference-free types: {', '.join(REFERENCE_FREE_LOSSES)}"
         )
-    rw, rl = ref_chosen_logps.detach(), ref_rejected_logps.detach()
-    chosen_rewards = (beta * (pw - rw)).detach()
-    rejected_rewards = (beta * (pl - rl)).detach()
-    h = (pw - rw) - (pl - rl)
-    if loss_type == "sigmoid":
-        losses = _smoothed_sigmoid(beta * h, label_smoothing)
-    elif loss_type == "robust":
-        eps = label_smoothing
-        losses = (-(1.0 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1.0 - 2.0 * eps)
-    elif loss_type == "hinge":
-        losses = torch.relu(1.0 - beta * h)
-    else:  # ipo
-        h_avg = (pw / len_w - rw / len_w) - (pl / len_l - rl / len_l)
-        losses = (h_avg - 1.0 / (2.0 * beta)) ** 2
-    return losses, chosen_rewards, rejected_rewards
+    x.ref_chosen, x.ref_rejected = ref_chosen_logps.detach(), ref_rejected_logps.detach()
+    losses = spec.fn(x, beta, label_smoothing, simpo_gamma, lam)
+    return losses, (beta * (pw - x.ref_chosen)).detach(), (beta * (pl - x.ref_rejected)).detach()
 
 
 def bradley_terry_loss(

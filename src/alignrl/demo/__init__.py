@@ -7,16 +7,19 @@ package (`alignrl.demo.grpo`, ...) exposing `run(ctx: DemoContext) -> list[tuple
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alignrl.algorithms import ALGORITHMS
 from alignrl.data import load_rows, write_jsonl
 from alignrl.demo.task import DemoTask, make_task
 from alignrl.errors import AlignRLError
 
-ALGOS = ("grpo", "dpo", "rm", "ppo")
+# the registered algorithms with a demo stage in this package (the SFT stage runs before every one of them)
+ALGOS = tuple(a for a in ALGORITHMS if importlib.util.find_spec(f"alignrl.demo.{a}") is not None)
 SFT_STEPS = 1200
 # the run directories (under --out) of each demo, in the order its report shows them: the demo's stage first
 DEMO_RUNS = {"grpo": ("grpo", "sft"), "dpo": ("dpo", "sft"), "rm": ("rm", "sft"), "ppo": ("ppo", "rm", "sft"),

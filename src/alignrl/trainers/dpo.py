@@ -8,7 +8,7 @@ in memory during training (and none is needed at all for the reference-free simp
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -18,11 +18,12 @@ from torch import nn
 
 from alignrl import checkpoint, rundir
 from alignrl import distributed as dist
-from alignrl.algos.preference import REFERENCE_FREE_LOSSES, preference_loss
+from alignrl.algos.preference import PREFERENCE_LOSSES, REFERENCE_FREE_LOSSES, preference_loss
 from alignrl.config import TrainConfig
 from alignrl.data import PreferenceExample, length_grouped_batches, load_preference_examples, load_rows, split_eval
 from alignrl.errors import AlignRLError
-from alignrl.trainers import loop
+from alignrl.logprobs import token_logprobs
+from alignrl.trainers import loop, offline
 
 
 @dataclass
@@ -30,7 +31,7 @@ class DPOConfig(TrainConfig):
     """DPO-family options on top of the shared ones (names and defaults follow TRL's DPOConfig)."""
 
     learning_rate: float = 1e-6
-    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = "sigmoid"
+    loss_type: str = "sigmoid"  # PREFERENCE_LOSSES: sigmoid, ipo, hinge, robust, simpo, orpo
     beta: float = 0.1  # inverse temperature of the implicit reward (IPO: 1/(2β) is the target margin)
     label_smoothing: float = 0.0  # cDPO / robust DPO / SimPO: assumed fraction of flipped labels, in [0, 0.5)
     simpo_gamma: float = 0.5  # SimPO target reward margin γ
@@ -46,6 +47,7 @@ class DPOConfig(TrainConfig):
         if self.batch_size < 1 or self.eval_batch_size < 1 or self.max_length < 2:
             raise AlignRLError("batch_size and eval_batch_size must be ≥ 1 and max_length ≥ 2")
         loop.check_token_budget(self, 2 * self.max_length, "chosen + rejected pair (2 × max_length)")
+        PREFERENCE_LOSSES.check("loss_type", self.loss_type)
         if self.ref_model and self.loss_type in REFERENCE_FREE_LOSSES:
             raise AlignRLError(f"ref_model: loss_type {self.loss_type!r} is reference-free; remove ref_model")
         one = torch.zeros(1)  # the loss checks beta, label_smoothing and their combination with loss_type
@@ -82,7 +84,7 @@ def pair_logps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs (chosen [B], rejected [B]) from one concatenated forward."""
     ids, attn, cmask = collate_pairs(batch, pad_id, device, padding_side)
-    logp, _ = dist.logprobs(model, ids, attn, cmask[:, 1:], start=1, chunk_tokens=chunk_tokens)
+    logp, _ = token_logprobs(model, ids, attn, cmask[:, 1:], start=1, chunk_tokens=chunk_tokens)
     seq = logp.sum(-1)
     return seq[: len(batch)], seq[len(batch) :]
 
@@ -183,38 +185,6 @@ def load_pairs(cfg, tok, add_eos: bool = True):
     return train_ex, eval_ex, skipped
 
 
-def pair_update(
-    policy: nn.Module,
-    model: nn.Module,
-    micro: list[list[PreferenceExample]],
-    pair_step,
-    stat_keys: Sequence[str],
-    opt: torch.optim.Optimizer,
-    sched,
-    cfg: TrainConfig,
-    run: loop.Run,
-) -> tuple[dict[str, float], dict[str, float]]:
-    """One optimizer update over accumulated micro-batches of pairs (shared by DPO and reward-model training).
-
-    `pair_step(part) -> (loss summed over the pairs, stat sums)`; the loss is the mean over all pairs of the
-    accumulated global batch: each rank takes its share of every micro-batch, split further to stay within the
-    token budget (micro_batch_tokens), and gradients sync on the last part.
-    Returns the logged means of `stat_keys` (all-reduced) and the optimizer-step metrics."""
-    n_total = sum(len(b) for b in micro)
-    parts = loop.local_parts(micro, lambda e: e.length, loop.token_budget(cfg, 2 * cfg.max_length), rows_per_item=2)
-    acc: dict[str, float] = {}
-    for i, (part, w) in enumerate(parts):
-        with dist.grad_sync(policy, i == len(parts) - 1):
-            loss_sum, stats = pair_step(part)
-            (loss_sum * (w * dist.grad_scale() / n_total)).backward()
-        if w:
-            for k, v in stats.items():
-                acc[k] = acc.get(k, 0.0) + v
-    mean_loss = dist.all_reduce(acc.get("loss", 0.0)) / n_total  # global: every rank skips or steps alike
-    upd = loop.optimizer_step(model, opt, sched, cfg, loss=mean_loss, run=run)
-    return {k: dist.all_reduce(acc.get(k, 0.0)) / n_total for k in stat_keys}, upd
-
-
 @rundir.releases_output_dir
 def train(cfg: DPOConfig) -> Path:
     """Run DPO (or a family member); returns the final model directory."""
@@ -229,32 +199,47 @@ def train(cfg: DPOConfig) -> Path:
         ref = loop.load_reference(run, cfg.ref_model, "ref_model") if cfg.ref_model else policy
         cache_reference_logps(ref, train_ex + eval_ex, pad, run.device, cfg)
         del ref
+
+    def part_loss(part: list[PreferenceExample]) -> tuple[torch.Tensor, dict[str, float]]:
+        with loop.autocast(cfg, run.device):
+            pc, pr = pair_logps(policy, part, pad, run.device, cfg.logprob_chunk_tokens)
+        losses, cr, rr = pair_losses(cfg, part, pc, pr)
+        acc: dict[str, float] = {}
+        _add_stats(acc, losses, cr, rr, pc, pr)
+        return losses.sum(), acc
+
+    # (run.register, in offline.train, comes after the reference pass: it must see the starting policy)
+    pairs = (train_ex, eval_ex, skipped)
+    return train_pairs(run, policy, model, tok, opt, pairs, part_loss, _STAT_KEYS, evaluate_pairs)
+
+
+def train_pairs(
+    run: loop.Run,
+    policy: nn.Module,
+    model: nn.Module,
+    tok,
+    opt: torch.optim.Optimizer,
+    pairs: tuple[list[PreferenceExample], list[PreferenceExample], dict[str, int]],
+    part_loss: offline.PartLoss,
+    keys: Sequence[str],
+    evaluate: Callable[..., dict[str, float]],
+) -> Path:
+    """The offline loop over preference pairs (DPO and reward models): each update is the mean over all pairs of
+    the accumulated batch; `evaluate(policy, eval_ex, pad, device, cfg)` on the held-out pairs."""
+    cfg = run.cfg
+    train_ex, eval_ex, skipped = pairs
     sched = loop.build_scheduler(opt, cfg, cfg.max_steps)
     stream = checkpoint.ReplayStream(lambda: pair_batches(train_ex, cfg.batch_size, random.Random(cfg.seed)))
-    # registered after the reference pass: that pass must see the starting policy, not resumed weights
-    first = run.register(model, tok, optimizer=opt, scheduler=sched, data=stream)
-    if eval_ex and first == 1:
-        run.metrics.log(0, evaluate_pairs(policy, eval_ex, pad, run.device, cfg))
-    for step in range(first, cfg.max_steps + 1):
-        timer = loop.Timer()
-        micro = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
 
-        def pair_step(part: list[PreferenceExample]) -> tuple[torch.Tensor, dict[str, float]]:
-            with loop.autocast(cfg, run.device):
-                pc, pr = pair_logps(policy, part, pad, run.device, cfg.logprob_chunk_tokens)
-            losses, cr, rr = pair_losses(cfg, part, pc, pr)
-            acc: dict[str, float] = {}
-            _add_stats(acc, losses, cr, rr, pc, pr)
-            return losses.sum(), acc
+    def update(micro: list[list[PreferenceExample]]) -> dict[str, float]:
+        return offline.accumulated_update(
+            policy, model, micro, part_loss, count=sum(len(b) for b in micro), width=lambda e: e.length,
+            budget=loop.token_budget(cfg, 2 * cfg.max_length), rows_per_item=2, keys=keys, opt=opt, sched=sched,
+            cfg=cfg, run=run,
+        )  # fmt: skip
 
-        with timer("update"):
-            metrics, upd = pair_update(policy, model, micro, pair_step, _STAT_KEYS, opt, sched, cfg, run)
-        metrics = metrics | upd | {"step_time": timer.t["update"]}
-        if step == 1:
-            metrics["skipped_rows"] = sum(skipped.values())
-        if eval_ex and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps):
-            metrics.update(evaluate_pairs(policy, eval_ex, pad, run.device, cfg))
-        if step % cfg.logging_steps == 0 or "eval_loss" in metrics:
-            run.metrics.log(step, metrics)
-        run.end_step(step)
-    return loop.finish(run, model, tok)
+    def held_out() -> dict[str, float]:
+        return evaluate(policy, eval_ex, tok.pad_token_id, run.device, cfg)
+
+    first = {"skipped_rows": sum(skipped.values())}
+    return offline.train(run, model, tok, opt, sched, stream, update, held_out if eval_ex else None, first)

@@ -341,7 +341,7 @@ def load_policy(cfg: TrainConfig, device: torch.device, *, rl: bool) -> tuple[nn
 
 
 def wrap_policy(run: Run, model: nn.Module, fn: Any = None) -> nn.Module:
-    """The trainable model as the module trainers compute with: `dist.logprobs(policy, ...)` (or, with `fn`,
+    """The trainable model as the module trainers compute with: `token_logprobs(policy, ...)` (or, with `fn`,
     `dist.call(policy, fn, ...)`), DDP- or FSDP2-wrapped under torchrun (cfg.distributed), plain in one process.
     Build the optimiser right after, before any forward (FSDP swaps in sharded parameters). Reseeds torch per
     rank (sampling)."""
@@ -353,7 +353,7 @@ def wrap_policy(run: Run, model: nn.Module, fn: Any = None) -> nn.Module:
 
 
 def load_reference(run: Run, path: str, option: str = "model") -> nn.Module:
-    """The frozen reference policy, ready for `dist.logprobs`: no dropout, linear weights held in the autocast
+    """The frozen reference policy, ready for `token_logprobs`: no dropout, linear weights held in the autocast
     dtype when one is set (what autocast computes with anyway: half the memory, no cast per forward) and, on CPU,
     pre-packed for oneDNN (not under FSDP, which shards the weights as they are), sharded like the policy under
     FSDP."""
@@ -368,7 +368,7 @@ def load_reference(run: Run, path: str, option: str = "model") -> nn.Module:
 
 
 def wrap_frozen(run: Run, model: nn.Module) -> nn.Module:
-    """A frozen model (reference policy) for `dist.logprobs`: sharded like the policy under FSDP, else plain."""
+    """A frozen model (reference policy) for `token_logprobs`: sharded like the policy under FSDP, else plain."""
     mode = "fsdp" if run.cfg.distributed == "fsdp" else "none"
     return dist.wrap_model(dist.PolicyLogProbs(model), mode, run.device)
 

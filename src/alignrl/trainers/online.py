@@ -28,6 +28,7 @@ from alignrl.data import Rows, infinite_batches, load_rows, require_columns
 from alignrl.errors import AlignRLError
 from alignrl.evaluation import eval_set, evaluate_online
 from alignrl.generation import SamplingParams
+from alignrl.logprobs import token_logprobs
 from alignrl.models import adapter_disabled, is_peft
 from alignrl.rewards import RewardFunctions, check_sampling_options
 from alignrl.rollout import ScoredRollout, check_prompt_lengths, sample_and_score
@@ -231,7 +232,7 @@ class Context:
         self, model: nn.Module, mb: RolloutBatch, *, with_entropy: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         """log π(y_t) (and entropy) of a micro-batch's completion tokens through `model`."""
-        return dist.logprobs(
+        return token_logprobs(
             model, mb.input_ids, mb.attention_mask, mb.completion_mask, start=mb.prompt_len,
             temperature=self.cfg.temperature, with_entropy=with_entropy, chunk_tokens=self.cfg.logprob_chunk_tokens,
         )  # fmt: skip

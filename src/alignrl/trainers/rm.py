@@ -7,7 +7,6 @@ transformers and can be used directly as a reward function (`reward_funcs: [runs
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +15,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from alignrl import checkpoint, rundir
 from alignrl import distributed as dist
+from alignrl import rundir
 from alignrl.algos.preference import bradley_terry_loss
 from alignrl.config import TrainConfig
 from alignrl.data import PreferenceExample
@@ -25,7 +24,7 @@ from alignrl.errors import AlignRLError
 from alignrl.models import disable_dropout, enable_activation_checkpointing
 from alignrl.rewards.reward_model import load_reward_model, pad_batch, reward_scores, rm_add_eos
 from alignrl.trainers import loop
-from alignrl.trainers.dpo import load_pairs, pair_batches, pair_update
+from alignrl.trainers.dpo import load_pairs, train_pairs
 
 
 @dataclass
@@ -130,31 +129,14 @@ def train(cfg: RMConfig) -> Path:
     train_ex, eval_ex, skipped = load_pairs(cfg, tok, add_eos=rm_add_eos(tok))
     pad = tok.pad_token_id
     opt = loop.build_optimizer(model, cfg)
-    sched = loop.build_scheduler(opt, cfg, cfg.max_steps)
-    stream = checkpoint.ReplayStream(lambda: pair_batches(train_ex, cfg.batch_size, random.Random(cfg.seed)))
-    first = run.register(model, tok, optimizer=opt, scheduler=sched, data=stream)
-    if eval_ex and first == 1:
-        run.metrics.log(0, evaluate_pairs(scorer, eval_ex, pad, run.device, cfg))
-    for step in range(first, cfg.max_steps + 1):
-        timer = loop.Timer()
-        micro = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
 
-        def pair_step(part: list[PreferenceExample]) -> tuple[torch.Tensor, dict[str, float]]:
-            with loop.autocast(cfg, run.device):
-                rc, rr = pair_rewards(scorer, part, pad, run.device)
-            loss = bt_loss(cfg, part, rc, rr)  # mean over this part's pairs
-            acc: dict[str, float] = {}
-            _add_stats(acc, loss, rc, rr)
-            return loss * len(part), acc
+    def part_loss(part: list[PreferenceExample]) -> tuple[torch.Tensor, dict[str, float]]:
+        with loop.autocast(cfg, run.device):
+            rc, rr = pair_rewards(scorer, part, pad, run.device)
+        loss = bt_loss(cfg, part, rc, rr)  # mean over this part's pairs
+        acc: dict[str, float] = {}
+        _add_stats(acc, loss, rc, rr)
+        return loss * len(part), acc
 
-        with timer("update"):
-            metrics, upd = pair_update(scorer, model, micro, pair_step, _STAT_KEYS, opt, sched, cfg, run)
-        metrics = metrics | upd | {"step_time": timer.t["update"]}
-        if step == 1:
-            metrics["skipped_rows"] = sum(skipped.values())
-        if eval_ex and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps):
-            metrics.update(evaluate_pairs(scorer, eval_ex, pad, run.device, cfg))
-        if step % cfg.logging_steps == 0 or "eval_loss" in metrics:
-            run.metrics.log(step, metrics)
-        run.end_step(step)
-    return loop.finish(run, model, tok)
+    pairs = (train_ex, eval_ex, skipped)
+    return train_pairs(run, scorer, model, tok, opt, pairs, part_loss, _STAT_KEYS, evaluate_pairs)

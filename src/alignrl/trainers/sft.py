@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,8 @@ from alignrl import distributed as dist
 from alignrl.config import TrainConfig
 from alignrl.data import SFTExample, length_grouped_batches, load_rows, pack, split_eval, tokenize_sft
 from alignrl.errors import AlignRLError
-from alignrl.trainers import loop
+from alignrl.logprobs import token_logprobs
+from alignrl.trainers import loop, offline
 
 
 @dataclass
@@ -55,7 +55,7 @@ def nll_sum(model: nn.Module, batch, pad_id: int, device, cfg: SFTConfig) -> tup
     ids, attn, lmask = collate(batch, pad_id, device)
     target = lmask[:, 1:]
     with loop.autocast(cfg, device):
-        logp, _ = dist.logprobs(model, ids, attn, target, start=1, chunk_tokens=cfg.logprob_chunk_tokens)
+        logp, _ = token_logprobs(model, ids, attn, target, start=1, chunk_tokens=cfg.logprob_chunk_tokens)
     return -logp.sum(), int(target.sum())
 
 
@@ -119,31 +119,23 @@ def train(cfg: SFTConfig) -> Path:
     opt = loop.build_optimizer(model, cfg)
     sched = loop.build_scheduler(opt, cfg, cfg.max_steps)
     stream = checkpoint.ReplayStream(lambda: batches(train_ex, cfg, random.Random(cfg.seed)))
-    first = run.register(model, tok, optimizer=opt, scheduler=sched, data=stream)
-    if eval_ex and first == 1:
-        run.metrics.log(0, {"eval_loss": eval_loss(policy, eval_ex, pad, run.device, cfg)})
-    for step in range(first, cfg.max_steps + 1):
-        t0 = time.perf_counter()
-        micro = [next(stream) for _ in range(cfg.gradient_accumulation_steps)]
-        # token-mean over the whole accumulated (global) batch: each micro-batch divides by the global count;
-        # each rank takes its share of every micro-batch, split to the token budget; gradients sync on the last part
+
+    def part_loss(part: list[SFTExample]) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, _ = nll_sum(policy, part, pad, run.device, cfg)
+        return loss, {"loss": float(loss.detach())}
+
+    def update(micro: list[list[SFTExample]]) -> dict[str, float]:
+        # token-mean over the whole accumulated (global) batch
         n_total = sum(sum(sum(e.loss_mask[1:]) for e in b) for b in micro)
-        parts = loop.local_parts(micro, lambda e: len(e.input_ids), loop.token_budget(cfg, cfg.max_length))
-        total = 0.0
-        for i, (part, w) in enumerate(parts):
-            with dist.grad_sync(policy, i == len(parts) - 1):
-                loss, _ = nll_sum(policy, part, pad, run.device, cfg)
-                (loss * (w * dist.grad_scale() / n_total)).backward()
-            total += w * float(loss.detach())
-        total = dist.all_reduce(total)
-        mean = total / n_total
-        metrics = {"loss": mean, "tokens": n_total, **loop.optimizer_step(model, opt, sched, cfg, loss=mean, run=run)}
-        metrics["step_time"] = time.perf_counter() - t0
-        if step == 1:
-            metrics["truncated_examples"] = n_trunc
-        if eval_ex and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps):
-            metrics["eval_loss"] = eval_loss(policy, eval_ex, pad, run.device, cfg)
-        if step % cfg.logging_steps == 0 or "eval_loss" in metrics:
-            run.metrics.log(step, metrics)
-        run.end_step(step)
-    return loop.finish(run, model, tok)
+        metrics = offline.accumulated_update(
+            policy, model, micro, part_loss, count=n_total, width=lambda e: len(e.input_ids),
+            budget=loop.token_budget(cfg, cfg.max_length), rows_per_item=1, keys=["loss"], opt=opt, sched=sched,
+            cfg=cfg, run=run,
+        )  # fmt: skip
+        return {"loss": metrics.pop("loss"), "tokens": n_total, **metrics}
+
+    def evaluate() -> dict[str, float]:
+        return {"eval_loss": eval_loss(policy, eval_ex, pad, run.device, cfg)}
+
+    first = {"truncated_examples": n_trunc}
+    return offline.train(run, model, tok, opt, sched, stream, update, evaluate if eval_ex else None, first)
