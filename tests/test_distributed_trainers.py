@@ -45,6 +45,20 @@ def _reward(tmp_path: Path) -> str:
     return f"{p}:short"
 
 
+def _teacher(model: str, tmp_path: Path) -> str:
+    """`model` with its final norm scaled by 4 (same tokenizer, sharper distributions): a teacher to distil."""
+    out = tmp_path / "teacher"
+    if not out.exists():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        lm = AutoModelForCausalLM.from_pretrained(model)
+        with torch.no_grad():
+            lm.model.norm.weight.mul_(4.0)
+        lm.save_pretrained(out)
+        AutoTokenizer.from_pretrained(model).save_pretrained(out)
+    return str(out)
+
+
 def _args(algo: str, model: str, tmp_path: Path, out: Path, *extra: str) -> list[str]:
     common = [f"model={model}", f"train_file={_data(tmp_path, algo)}", f"output_dir={out}", "progress_bar=false",
               "learning_rate=1e-3", "max_steps=1"]  # fmt: skip
@@ -62,6 +76,15 @@ def _args(algo: str, model: str, tmp_path: Path, out: Path, *extra: str) -> list
         "ppo": ["prompts_per_step=4", "num_generations=2", "max_completion_length=6", "num_ppo_epochs=1",
                 f"reward_funcs=[{_reward(tmp_path)}, {_reward(tmp_path)[:-5]}prompt_sum]", "kl_coef=0.1",
                 "temperature=1.0", "adam_epsilon=1.0", "max_grad_norm=0", "learning_rate=0.1"],  # fmt: skip
+        # (the same Adam settings: whitening over the global batch and global token counts show in the weights)
+        "reinforce_pp": ["prompts_per_step=4", "num_generations=2", "max_completion_length=6", "beta=0.05",
+                         f"reward_funcs=[{_reward(tmp_path)}, {_reward(tmp_path)[:-5]}prompt_sum]",
+                         "adam_epsilon=1.0", "max_grad_norm=0", "learning_rate=0.1"],  # fmt: skip
+        "cispo": ["prompts_per_step=4", "num_generations=4", "max_completion_length=6",
+                  f"reward_funcs=[gsm8k, {_reward(tmp_path)}]", "adam_epsilon=1.0", "max_grad_norm=0",
+                  "learning_rate=0.1"],  # fmt: skip
+        "distill": ["prompts_per_step=4", "max_completion_length=6", f"teacher_model={_teacher(model, tmp_path)}",
+                    "adam_epsilon=1.0", "max_grad_norm=0", "learning_rate=0.1"],  # fmt: skip
     }
     return [*common, *per_algo[algo], *extra]
 
@@ -112,6 +135,19 @@ def test_grpo_fsdp_two_ranks_equal_single_process(tiny_model, tmp_path):
 def test_two_ranks_equal_single_process(algo, mode, tiny_model, tmp_path):
     single, dist = _check_same_update(algo, mode, tiny_model, tmp_path)
     assert dist[-1]["loss"] == pytest.approx(single[-1]["loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("algo", "mode", "extra"),
+    [("reinforce_pp", "ddp", ()), ("reinforce_pp", "fsdp", ("advantage_estimator=reinforce_pp_baseline",)),
+     ("cispo", "ddp", ("num_iterations=2",)), ("distill", "fsdp", ())],  # fmt: skip
+)
+def test_new_online_algorithms_two_ranks_equal_single_process(algo, mode, extra, tiny_model, tmp_path):
+    """REINFORCE++ (global whitening), CISPO and distillation (a sharded teacher) on 2 ranks vs 1 process."""
+    single, dist = _check_same_update(algo, mode, tiny_model, tmp_path, *extra)
+    for key in ("loss", "reward", "advantages/std"):
+        assert dist[-1][key] == pytest.approx(single[-1][key], rel=1e-5, abs=1e-6), key
 
 
 @pytest.mark.slow
