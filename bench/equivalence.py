@@ -10,8 +10,8 @@ import torch
 
 from alignrl.algos.kl import kl_estimate
 from alignrl.algos.policy_loss import aggregate_loss, clipped_policy_loss
-from alignrl.data import load_preference_examples, load_rows
-from alignrl.generation import SamplingParams, generate, left_pad
+from alignrl.data import load_preference_examples, load_rows, pad_batch
+from alignrl.generation import SamplingParams, generate
 from alignrl.logprobs import token_logprobs
 from alignrl.models import load_causal_lm, load_tokenizer
 
@@ -31,7 +31,7 @@ def grpo_losses(model_dir: str, data: str, beta: float = 0.04, G: int = 4, lengt
         for p in ref.parameters():
             p.add_(0.02 * torch.randn_like(p))
     rows = [json.loads(line) for line in Path(data).read_text().splitlines()][:2]
-    ids, mask = left_pad([tok(r["prompt"]).input_ids for r in rows for _ in range(G)], tok.pad_token_id)
+    ids, mask = pad_batch([tok(r["prompt"]).input_ids for r in rows for _ in range(G)], tok.pad_token_id, left=True)
     ro = generate(model, ids, mask, SamplingParams(length, temperature=0.9), [tok.eos_token_id], tok.pad_token_id)
     P = ids.shape[1]
     adv = torch.randn(ids.shape[0])

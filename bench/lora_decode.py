@@ -14,7 +14,8 @@ import time
 import torch
 
 import alignrl.decode as decode
-from alignrl.generation import SamplingParams, generate, left_pad
+from alignrl.data import pad_batch
+from alignrl.generation import SamplingParams, generate
 from alignrl.models import apply_lora, load_causal_lm, load_tokenizer
 from alignrl.pretrained import smollm2
 
@@ -31,7 +32,7 @@ def main() -> None:
     model = apply_lora(load_causal_lm(path), args.rank, 2 * args.rank, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"])
     messages = [{"role": "user", "content": "What is 17 + 6? Give only the final number."}]
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ids, mask = left_pad([tok(text, add_special_tokens=False).input_ids] * args.rows, tok.pad_token_id)
+    ids, mask = pad_batch([tok(text, add_special_tokens=False).input_ids] * args.rows, tok.pad_token_id, left=True)
     params = SamplingParams(args.tokens, 1.0)
     never = [len(tok) + 1]  # an EOS id outside the vocabulary: every row samples all `tokens`
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# trackio reads TRACKIO_DIR once, when first imported (TRL's integrations import it too): this session's own store,
+# set before any test imports anything
+os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="alignrl-test-trackio-")
 
 
 @pytest.fixture(scope="session")

@@ -10,15 +10,15 @@ import torch
 from torch import nn
 
 from alignrl.config import TrainConfig
+from alignrl.data import pad_batch
 from alignrl.errors import AlignRLError
-from alignrl.generation import left_pad
 from alignrl.logprobs import token_logprobs
 from alignrl.models import enable_activation_checkpointing, unwrap
 from alignrl.rewards.reward_model import reward_scores
 from alignrl.trainers import loop, ppo, rm
 from alignrl.value_model import Critic, token_values
 
-IDS, MASK = left_pad([[5, 6, 7, 8, 9, 10, 11, 12], [3, 4, 5, 6, 7]], 0)
+IDS, MASK = pad_batch([[5, 6, 7, 8, 9, 10, 11, 12], [3, 4, 5, 6, 7]], 0, left=True)
 
 
 def _policy(cfg):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import alignrl.attention as A
-from alignrl.generation import left_pad
+from alignrl.data import pad_batch
 from alignrl.logprobs import token_logprobs
 
 
@@ -41,7 +41,7 @@ def test_matmul_attention_equals_sdpa_in_float32(monkeypatch, gqa, seqs):
     left padding (fully masked query rows output 0 as in SDPA), grouped KV heads."""
     monkeypatch.setattr(A, "_matmul_applies", lambda *a: True)
     sdpa, ours = _pair(gqa)
-    ids, mask = left_pad(SEQS[seqs], 0)
+    ids, mask = pad_batch(SEQS[seqs], 0, left=True)
     lp_s, g_s = _logps_and_grads(sdpa, ids, mask, autocast=False)
     lp_o, g_o = _logps_and_grads(ours, ids, mask, autocast=False)
     torch.testing.assert_close(lp_o, lp_s, atol=1e-5, rtol=0)
@@ -55,7 +55,7 @@ def test_matmul_attention_runs_only_for_cpu_bf16_training(monkeypatch):
     real = A._matmul_applies
     monkeypatch.setattr(A, "_matmul_applies", lambda *a: calls.append(real(*a)) or calls[-1])
     sdpa, ours = _pair(gqa=True)
-    ids, mask = left_pad(SEQS["padded"], 0)
+    ids, mask = pad_batch(SEQS["padded"], 0, left=True)
     lp_s, g_s = _logps_and_grads(sdpa, ids, mask, autocast=True)
     lp_o, g_o = _logps_and_grads(ours, ids, mask, autocast=True)
     assert calls and all(calls)

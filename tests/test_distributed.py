@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from alignrl import distributed as D
+from alignrl.data import pad_batch
 
 HERE = Path(__file__).parent
 
@@ -120,20 +121,23 @@ def test_seeded_sampling_does_not_depend_on_the_batch_split(tiny_model):
     """Rows sampled with per-row seeds give the same completions in one batch or split in two (as over ranks)."""
     import torch
 
-    from alignrl.generation import SamplingParams, generate, left_pad
+    from alignrl.generation import SamplingParams, generate
     from alignrl.models import load_causal_lm
 
     model = load_causal_lm(tiny_model).eval()
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
     params = SamplingParams(max_new_tokens=12, temperature=1.0, top_k=20)
     seeds = [101, 102, 103, 104]
-    whole = generate(model, *left_pad(prompts, 0), params, [2], 0, seeds=seeds)
-    parts = [generate(model, *left_pad(prompts[a:b], 0), params, [2], 0, seeds=seeds[a:b]) for a, b in ((0, 1), (1, 4))]
+    whole = generate(model, *pad_batch(prompts, 0, left=True), params, [2], 0, seeds=seeds)
+    parts = [
+        generate(model, *pad_batch(prompts[a:b], 0, left=True), params, [2], 0, seeds=seeds[a:b])
+        for a, b in ((0, 1), (1, 4))
+    ]
     torch.manual_seed(123)  # the global RNG plays no part
-    again = generate(model, *left_pad(prompts, 0), params, [2], 0, seeds=seeds)
+    again = generate(model, *pad_batch(prompts, 0, left=True), params, [2], 0, seeds=seeds)
     assert whole.completion_lists() == parts[0].completion_lists() + parts[1].completion_lists()
     assert whole.completion_lists() == again.completion_lists()
-    other = generate(model, *left_pad(prompts, 0), params, [2], 0, seeds=[s + 7 for s in seeds])
+    other = generate(model, *pad_batch(prompts, 0, left=True), params, [2], 0, seeds=[s + 7 for s in seeds])
     assert whole.completion_lists() != other.completion_lists()
 
 

@@ -5,7 +5,8 @@ import warnings
 import pytest
 import torch
 
-from alignrl.generation import SamplingParams, filter_logits, generate, left_pad
+from alignrl.data import pad_batch
+from alignrl.generation import SamplingParams, filter_logits, generate
 from alignrl.logprobs import token_logprobs
 from alignrl.models import load_causal_lm, load_tokenizer
 
@@ -13,7 +14,8 @@ from alignrl.models import load_causal_lm, load_tokenizer
 def _setup(tiny_model):
     tok = load_tokenizer(tiny_model)
     model = load_causal_lm(tiny_model).eval()
-    ids, mask = left_pad([tok("12+34=").input_ids, tok("5=").input_ids, tok("hello, ").input_ids], tok.pad_token_id)
+    prompts = [tok("12+34=").input_ids, tok("5=").input_ids, tok("hello, ").input_ids]
+    ids, mask = pad_batch(prompts, tok.pad_token_id, left=True)
     return tok, model, ids, mask
 
 
@@ -139,7 +141,7 @@ def test_generate_returns_autograd_usable_tensors_and_restores_mode(tiny_model):
 def test_unpadded_batch_skips_mask_and_matches_training_path(tiny_model):
     """Equal-length prompts take the no-mask fast path; rollout log-probs still equal the training path's."""
     tok, model, _, _ = _setup(tiny_model)
-    ids, mask = left_pad([tok("12+34=").input_ids, tok("56+78=").input_ids], tok.pad_token_id)
+    ids, mask = pad_batch([tok("12+34=").input_ids, tok("56+78=").input_ids], tok.pad_token_id, left=True)
     assert bool(mask.all())
     torch.manual_seed(0)
     ro = generate(model, ids, mask, SamplingParams(8, temperature=0.8), [tok.eos_token_id], tok.pad_token_id)
@@ -165,7 +167,7 @@ def test_cpu_decode_attention_equals_sdpa_path(monkeypatch):
     import alignrl.generation as g
 
     model = _gqa_model()
-    ids, mask = left_pad([[5, 6, 7, 8, 9], [3, 4], [10, 11, 12]], 0)
+    ids, mask = pad_batch([[5, 6, 7, 8, 9], [3, 4], [10, 11, 12]], 0, left=True)
     params = SamplingParams(16, temperature=1.0)
     fast = generate(model, ids, mask, params, [49], 0, seeds=[1, 2, 3])
     assert model.config._attn_implementation == "sdpa"
@@ -182,7 +184,7 @@ def test_bf16_sampling_keeps_float32_weights():
     its log-probs are those of the bf16-autocast training pass up to bf16 rounding."""
     model = _gqa_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ids, mask = left_pad([[5, 6, 7, 8, 9], [3, 4]], 0)
+    ids, mask = pad_batch([[5, 6, 7, 8, 9], [3, 4]], 0, left=True)
     ro = generate(model, ids, mask, SamplingParams(12, autocast=torch.bfloat16), [49], 0, seeds=[1, 2])
     after = model.state_dict()
     assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
@@ -218,7 +220,7 @@ def test_fast_decode_equals_model_forward(monkeypatch, arch, autocast, padded):
     # Mistral without a window: with one, the reference path's attention runs in bf16 SDPA (see _decode_attention)
     model = _tiny(arch, **({"sliding_window": None} if arch == "mistral" else {}))
     seqs = [[5, 6, 7, 8, 9], [3, 4], [10, 11, 12]] if padded else [[5, 6, 7], [8, 9, 10], [1, 2, 3]]
-    ids, mask = left_pad(seqs, 0)
+    ids, mask = pad_batch(seqs, 0, left=True)
     params = SamplingParams(16, temperature=1.0, autocast=autocast)
     steps = []
     real_step = d.FastDecoder.step
@@ -244,7 +246,7 @@ def test_generation_passes_the_kv_cache_under_the_current_keyword(monkeypatch, a
     import alignrl.decode as d
 
     model = _tiny(arch, **({"sliding_window": None} if arch == "mistral" else {}))
-    ids, mask = left_pad([[5, 6, 7, 8, 9], [3, 4]], 0)
+    ids, mask = pad_batch([[5, 6, 7, 8, 9], [3, 4]], 0, left=True)
     params = SamplingParams(6, temperature=0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
@@ -297,7 +299,7 @@ def test_fast_decode_with_lora_equals_the_peft_forward(monkeypatch, arch, autoca
             if "lora_B" in name:
                 p.normal_(0, 0.1)  # peft starts B at zero: the adapter would change nothing
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    ids, mask = left_pad([[5, 6, 7, 8, 9], [3, 4], [10, 11, 12]], 0)
+    ids, mask = pad_batch([[5, 6, 7, 8, 9], [3, 4], [10, 11, 12]], 0, left=True)
     params = SamplingParams(12, temperature=1.0, autocast=autocast)
     steps = []
     real_step = d.FastDecoder.step
@@ -343,7 +345,7 @@ def test_packed_frozen_linears_give_the_same_logprobs(autocast):
     assert n == 2 * 7  # every projection; the lm_head tied to the embeddings stays a plain nn.Linear
     assert type(packed.lm_head) is torch.nn.Linear and isinstance(packed.model.layers[0].mlp.up_proj, _PackedLinear)
     assert not any(p.dim() == 2 and p.shape[0] != 50 for p in packed.parameters())  # originals not kept
-    ids, mask = left_pad([[5, 6, 7, 8, 9, 10, 11], [3, 4, 12, 13]], 0)
+    ids, mask = pad_batch([[5, 6, 7, 8, 9, 10, 11], [3, 4, 12, 13]], 0, left=True)
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
         want, _ = token_logprobs(model, ids, mask, mask[:, 3:], start=3)
         got, _ = token_logprobs(packed, ids, mask, mask[:, 3:], start=3)

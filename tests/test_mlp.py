@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alignrl.generation import left_pad
+from alignrl.data import pad_batch
 from alignrl.logprobs import token_logprobs
 from alignrl.mlp import GatedDown, use_lean_mlp
 
@@ -46,7 +46,7 @@ def _pair(arch: str):
 
 
 def _run(model, autocast: bool, saved: list | None = None):
-    ids, mask = left_pad([[5, 6, 7, 8, 9, 10, 11, 12], [3, 4, 5, 6, 7]], 0)
+    ids, mask = pad_batch([[5, 6, 7, 8, 9, 10, 11, 12], [3, 4, 5, 6, 7]], 0, left=True)
     model.zero_grad()
     seen: dict[int, int] = {}
 

@@ -18,9 +18,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from alignrl import models
 from alignrl.cli import main
 from alignrl.config import load_config
-from alignrl.data import tokenize_sft, write_jsonl
+from alignrl.data import pad_batch, tokenize_sft, write_jsonl
 from alignrl.errors import AlignRLError
-from alignrl.generation import SamplingParams, generate, left_pad
+from alignrl.generation import SamplingParams, generate
 from alignrl.logprobs import token_logprobs
 from alignrl.models import apply_lora, is_gguf, load_causal_lm, load_tokenizer, resolve_model_path
 from alignrl.pretrained import smollm2_gguf
@@ -167,7 +167,7 @@ def real(smollm2):
     texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in PROMPTS]
     prompts = [tok(t, add_special_tokens=False).input_ids for t in texts]
     assert len({len(p) for p in prompts}) == len(prompts)  # mixed lengths: every row but the longest is padded
-    ids, mask = left_pad(prompts, tok.pad_token_id)
+    ids, mask = pad_batch(prompts, tok.pad_token_id, left=True)
     return tok, model, prompts, ids, mask
 
 

@@ -10,10 +10,10 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from alignrl.config import load_config
-from alignrl.data import PreferenceExample, encode, write_jsonl
+from alignrl.data import PreferenceExample, encode, pad_batch, write_jsonl
 from alignrl.models import load_tokenizer
 from alignrl.rewards import RewardFunctions
-from alignrl.rewards.reward_model import RewardModelScorer, load_reward_model, pad_batch, reward_scores
+from alignrl.rewards.reward_model import RewardModelScorer, load_reward_model, reward_scores
 from alignrl.trainers import rm
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,17 +23,14 @@ ALL = "report_to=[jsonl,tensorboard,wandb,trackio,mlflow]"
 
 
 @pytest.fixture(scope="session")
-def trackio_store(tmp_path_factory) -> Path:
-    """trackio reads TRACKIO_DIR once, at import: point it under the session's tmp dir before that."""
-    store = tmp_path_factory.mktemp("trackio")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TRACKIO_DIR", str(store))
+def trackio_store() -> Path:
+    """The session's trackio store (conftest.py sets TRACKIO_DIR before anything imports trackio)."""
+    store = Path(os.environ["TRACKIO_DIR"])
     if "trackio" in sys.modules:  # imported earlier in this process: its store must be this one
         from trackio.utils import TRACKIO_DIR
 
         assert Path(TRACKIO_DIR) == store, "trackio was imported before its store was set"
-    yield store
-    mp.undo()
+    return store
 
 
 @pytest.fixture

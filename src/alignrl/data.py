@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from alignrl.errors import AlignRLError
@@ -173,6 +174,21 @@ def tokenize_sft(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, where:
 # half the activation memory, and work under 2k tokens stays one pass (bench/micro_batch.py, BENCHMARKS.md).
 # GPUs have room for far larger passes: raise it there.
 MICRO_BATCH_TOKENS = 2048
+
+
+def pad_batch(
+    seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu", left: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack token lists into [B, L] ids and 0/1 attention mask, padding with `pad_id` on the right (or left)."""
+    width = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            sl = slice(width - len(s), width) if left else slice(0, len(s))
+            ids[i, sl] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, sl] = 1
+    return ids.to(device), mask.to(device)
 
 
 def split_by_tokens(

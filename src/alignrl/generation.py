@@ -56,18 +56,6 @@ class Rollout:
         return [row[: int(n)].tolist() for row, n in zip(self.completion_ids, lengths)]
 
 
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"):
-    """Stack token lists into [B, max_len] ids and mask, padding on the left."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if len(s):
-            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s) :] = 1
-    return ids.to(device), mask.to(device)
-
-
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Mask logits outside the top-k set and outside the smallest set with cumulative probability ≥ top_p."""
     if top_k > 0 and top_k < logits.shape[-1]:

@@ -530,8 +530,7 @@ def convert_gguf(src: Path, out: Path, option: str = "model") -> None:
     if any(p.dtype != torch.float32 for p in model.parameters()):  # GGUF blocks left packed (uint8)
         raise AlignRLError(f"{option}: {src}: transformers kept some weights quantised; cannot convert it")
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        fast_tokenizer(tok, model.config.max_position_embeddings).save_pretrained(tmp)
+        write_pretrained(model, fast_tokenizer(tok, model.config.max_position_embeddings), tmp)
         umask = os.umask(0)
         os.umask(umask)
         for p in [tmp, *tmp.iterdir()]:  # mkdtemp makes it private: a shared ALIGNRL_CACHE must be readable

@@ -12,9 +12,9 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from alignrl import distributed as dist
-from alignrl.data import Rows, encode, render_prompt
+from alignrl.data import Rows, encode, pad_batch, render_prompt
 from alignrl.errors import AlignRLError
-from alignrl.generation import Rollout, SamplingParams, generate, left_pad
+from alignrl.generation import Rollout, SamplingParams, generate
 from alignrl.rewards import RewardFunctions
 
 
@@ -150,7 +150,7 @@ def sample_and_score(
     """Sample `repeats` completions per row (contiguous per prompt) and score them with the reward functions."""
     prompt_ids = encode_prompts(rows, tokenizer, max_prompt_length, wheres)
     prompt_ids = [p for p in prompt_ids for _ in range(repeats)]
-    ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)
+    ids, mask = pad_batch(prompt_ids, tokenizer.pad_token_id, device, left=True)
     rollout = generate(model, ids, mask, params, eos_ids(tokenizer, model), tokenizer.pad_token_id, seeds=seeds)
     comp_ids = rollout.completion_lists()
     texts = tokenizer.batch_decode(comp_ids, skip_special_tokens=True)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
-from alignrl.data import MICRO_BATCH_TOKENS, encode_completion, split_by_tokens
+from alignrl.data import MICRO_BATCH_TOKENS, encode_completion, pad_batch, split_by_tokens
 from alignrl.errors import AlignRLError
 from alignrl.logprobs import position_ids_from_mask
 from alignrl.models import (
@@ -79,18 +79,6 @@ def reward_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     last = (idx * attention_mask.long()).argmax(-1)
     pooled = hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last]
     return head(pooled)[:, 0].float()
-
-
-def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str, left: bool = False):
-    """Stack token lists into [B, L] ids and attention mask, padding on the right (or left)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        sl = slice(width - len(s), width) if left else slice(0, len(s))
-        ids[i, sl] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, sl] = 1
-    return ids.to(device), mask.to(device)
 
 
 class RewardModelScorer:

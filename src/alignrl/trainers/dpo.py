@@ -20,7 +20,14 @@ from alignrl import checkpoint, rundir
 from alignrl import distributed as dist
 from alignrl.algos.preference import PREFERENCE_LOSSES, REFERENCE_FREE_LOSSES, preference_loss
 from alignrl.config import TrainConfig
-from alignrl.data import PreferenceExample, length_grouped_batches, load_preference_examples, load_rows, split_eval
+from alignrl.data import (
+    PreferenceExample,
+    length_grouped_batches,
+    load_preference_examples,
+    load_rows,
+    pad_batch,
+    split_eval,
+)
 from alignrl.errors import AlignRLError
 from alignrl.logprobs import token_logprobs
 from alignrl.trainers import loop, offline
@@ -61,17 +68,9 @@ class DPOConfig(TrainConfig):
 def collate_pairs(batch: Sequence[PreferenceExample], pad_id: int, device, padding_side: str = "right"):
     """The chosen sequences then the rejected ones as one [2B, L] batch: ids, attention mask, completion mask."""
     seqs = [(e.prompt_ids, e.chosen_ids) for e in batch] + [(e.prompt_ids, e.rejected_ids) for e in batch]
-    width = max(len(p) + len(c) for p, c in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    cmask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (p, c) in enumerate(seqs):
-        n = len(p) + len(c)
-        s = width - n if padding_side == "left" else 0
-        ids[i, s : s + n] = torch.tensor(p + c)
-        attn[i, s : s + n] = 1
-        cmask[i, s + len(p) : s + n] = 1
-    return ids.to(device), attn.to(device), cmask.to(device)
+    left = padding_side == "left"
+    ids, attn = pad_batch([p + c for p, c in seqs], pad_id, device, left)
+    return ids, attn, pad_batch([[0] * len(p) + [1] * len(c) for p, c in seqs], 0, device, left)[0]
 
 
 def pair_logps(

@@ -19,10 +19,10 @@ from alignrl import distributed as dist
 from alignrl import rundir
 from alignrl.algos.preference import bradley_terry_loss
 from alignrl.config import TrainConfig
-from alignrl.data import PreferenceExample
+from alignrl.data import PreferenceExample, pad_batch
 from alignrl.errors import AlignRLError
 from alignrl.models import disable_dropout, enable_activation_checkpointing
-from alignrl.rewards.reward_model import load_reward_model, pad_batch, reward_scores, rm_add_eos
+from alignrl.rewards.reward_model import load_reward_model, reward_scores, rm_add_eos
 from alignrl.trainers import loop
 from alignrl.trainers.dpo import load_pairs, train_pairs
 

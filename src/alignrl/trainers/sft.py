@@ -13,7 +13,7 @@ from torch import nn
 from alignrl import checkpoint, rundir
 from alignrl import distributed as dist
 from alignrl.config import TrainConfig
-from alignrl.data import SFTExample, length_grouped_batches, load_rows, pack, split_eval, tokenize_sft
+from alignrl.data import SFTExample, length_grouped_batches, load_rows, pack, pad_batch, split_eval, tokenize_sft
 from alignrl.errors import AlignRLError
 from alignrl.logprobs import token_logprobs
 from alignrl.trainers import loop, offline
@@ -38,16 +38,8 @@ class SFTConfig(TrainConfig):
 
 def collate(batch: Sequence[SFTExample], pad_id: int, device: torch.device):
     """Right-pad a batch into ids, attention mask and loss mask."""
-    width = max(len(e.input_ids) for e in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(batch), width), dtype=torch.long)
-    lmask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, e in enumerate(batch):
-        n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids)
-        attn[i, :n] = 1
-        lmask[i, :n] = torch.tensor(e.loss_mask)
-    return ids.to(device), attn.to(device), lmask.to(device)
+    ids, attn = pad_batch([e.input_ids for e in batch], pad_id, device)
+    return ids, attn, pad_batch([e.loss_mask for e in batch], 0, device)[0]
 
 
 def nll_sum(model: nn.Module, batch, pad_id: int, device, cfg: SFTConfig) -> tuple[torch.Tensor, int]:
