@@ -16,6 +16,7 @@ from alignrl.algos.advantages import (
     group_advantages,
     reinforce_pp_returns,
     rloo_advantages,
+    token_rewards,
 )
 from alignrl.algos.utils import masked_mean, masked_sum, masked_var, whiten
 from alignrl.errors import AlignRLError
@@ -308,3 +309,23 @@ def test_whiten_reference(shift_mean: bool) -> None:
         assert statistics.pvariance(w) == pytest.approx(1.0, rel=1e-6)
     else:
         assert sum(w) / len(w) == pytest.approx(mean, rel=1e-12)
+
+
+def test_masked_positions_inside_a_sequence_are_skipped() -> None:
+    """Multi-turn episodes: tokens of another party (mask 0) inside a sequence are passed over, so returns, GAE and
+    the score's position equal those of the same sequence with those tokens removed."""
+    g = torch.Generator().manual_seed(4)
+    holes = torch.tensor([[1, 1, 0, 0, 1, 1, 0, 1, 0, 0]], dtype=DT)  # model, env, model, env, model, padding
+    keep = holes[0].nonzero().squeeze(-1)
+    rewards, values = torch.randn(1, 10, generator=g, dtype=DT), torch.randn(1, 10, generator=g, dtype=DT)
+    dense = torch.ones(1, len(keep), dtype=DT)
+    torch.testing.assert_close(
+        reinforce_pp_returns(rewards, holes, 0.9)[:, keep], reinforce_pp_returns(rewards[:, keep], dense, 0.9)
+    )
+    adv, ret = gae(rewards, values, holes, 0.9, 0.8)
+    adv_d, ret_d = gae(rewards[:, keep], values[:, keep], dense, 0.9, 0.8)
+    torch.testing.assert_close(adv[:, keep], adv_d)
+    torch.testing.assert_close(ret[:, keep], ret_d)
+    assert adv[holes == 0].abs().sum() == 0 and ret[holes == 0].abs().sum() == 0
+    score = torch.tensor([2.0], dtype=DT)
+    assert token_rewards(score, holes)[0].tolist() == [0, 0, 0, 0, 0, 0, 0, 2.0, 0, 0]

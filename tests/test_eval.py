@@ -39,7 +39,7 @@ def test_greedy_accuracy_matches_the_rollout_path_and_json(tiny_model, eval_data
     from alignrl.generation import SamplingParams
     from alignrl.models import load_causal_lm, load_tokenizer
     from alignrl.rewards import RewardFunctions
-    from alignrl.rollout import sample_and_score
+    from alignrl.rollout import NativeEngine, sample_and_score
 
     spec = f"{eval_data / 'r.py'}:first_digit_is_1"
     out = eval_data / "res.json"
@@ -49,7 +49,8 @@ def test_greedy_accuracy_matches_the_rollout_path_and_json(tiny_model, eval_data
     res = json.loads(out.read_text())
     rows = [json.loads(line) for line in (eval_data / "d.jsonl").read_text().splitlines()]
     fns = RewardFunctions([spec], None, set(rows[0]), "d")
-    scored = sample_and_score(load_causal_lm(tiny_model).eval(), load_tokenizer(tiny_model), rows,
+    tok = load_tokenizer(tiny_model)
+    scored = sample_and_score(NativeEngine(load_causal_lm(tiny_model).eval(), tok), tok, rows,
                               [str(i) for i in range(len(rows))], fns, SamplingParams(4, 0.0), repeats=1,
                               max_prompt_length=1024, device="cpu")  # fmt: skip
     want = float(scored.rewards.mean())  # one greedy batch, no batching logic

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -134,8 +134,35 @@ def concat_rollouts(parts: Sequence[ScoredRollout], pad_id: int) -> ScoredRollou
     )
 
 
+class RolloutEngine(Protocol):
+    """What samples completions: the one generation path, whichever engine runs it (this library's own decoder
+    now; an inference server such as vLLM behind the same call). Prompts are token ids; the Rollout holds the
+    sampled ids, their masks and the sampler's log-probs (log π_sampler, temperature-scaled)."""
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int] | None = None
+    ) -> Rollout: ...
+
+
+@dataclass
+class NativeEngine:
+    """Sampling with `generation.generate` (KV cache, per-sample seeded noise) on a plain HF or peft model with full
+    parameters (inside `distributed.full_params` under FSDP)."""
+
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device | str = "cpu"
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int] | None = None
+    ) -> Rollout:
+        pad = self.tokenizer.pad_token_id
+        ids, mask = pad_batch(prompts, pad, self.device, left=True)
+        return generate(self.model, ids, mask, params, eos_ids(self.tokenizer, self.model), pad, seeds=seeds)
+
+
 def sample_and_score(
-    model: nn.Module,
+    engine: RolloutEngine,
     tokenizer: PreTrainedTokenizerBase,
     rows: Sequence[dict[str, Any]],
     wheres: Sequence[str],
@@ -147,11 +174,10 @@ def sample_and_score(
     device: torch.device,
     seeds: Sequence[int] | None = None,
 ) -> ScoredRollout:
-    """Sample `repeats` completions per row (contiguous per prompt) and score them with the reward functions."""
+    """Sample `repeats` completions per row (contiguous per prompt) with `engine` and score them with the reward
+    functions."""
     prompt_ids = encode_prompts(rows, tokenizer, max_prompt_length, wheres)
-    prompt_ids = [p for p in prompt_ids for _ in range(repeats)]
-    ids, mask = pad_batch(prompt_ids, tokenizer.pad_token_id, device, left=True)
-    rollout = generate(model, ids, mask, params, eos_ids(tokenizer, model), tokenizer.pad_token_id, seeds=seeds)
+    rollout = engine.generate([p for p in prompt_ids for _ in range(repeats)], params, seeds)
     comp_ids = rollout.completion_lists()
     texts = tokenizer.batch_decode(comp_ids, skip_special_tokens=True)
     rep_rows = [r for r in rows for _ in range(repeats)]
@@ -197,9 +223,10 @@ def score_rows(
     rewards, raws, lengths, completions = [], [], [], []
     for s in range(0, len(rows), per_batch):
         idx = range(s, min(s + per_batch, len(rows)))
+        where = [wheres[i] if wheres else f"row {i + 1}" for i in idx]
         scored = sample_and_score(
-            model, tokenizer, [rows[i] for i in idx], [wheres[i] if wheres else f"row {i + 1}" for i in idx],
-            reward_fns, params, repeats=repeats, max_prompt_length=max_prompt_length, device=device,
+            NativeEngine(model, tokenizer, device), tokenizer, [rows[i] for i in idx], where, reward_fns, params,
+            repeats=repeats, max_prompt_length=max_prompt_length, device=device,
             seeds=[seed * 1_000_003 + (first_index + i) * repeats + j for i in idx for j in range(repeats)],
         )  # fmt: skip
         rewards.append(scored.rewards.float().cpu())

@@ -90,8 +90,9 @@ def _check_tokens(name: str, x: Tensor, mask: Tensor) -> None:
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """δ_t = r_t + γV_{t+1} − V_t, A_t = Σ_k (γλ)^k δ_{t+k}, R_t = A_t + V_t; V = 0 past the last valid token.
 
-    `mask` is a right-padded 0/1 completion mask [B, T]; the recursion stops at the first invalid position
-    after t, so everything after a sequence's last valid token bootstraps as 0. Returns (advantages,
+    `mask` is a 0/1 completion mask [B, T]; t+1 is the next *valid* position, so masked positions inside a sequence
+    (another party's tokens in a multi-turn episode) are skipped, and everything after a sequence's last valid token
+    bootstraps as 0. Returns (advantages,
     returns), both [B, T], zero outside the mask and not whitened. Not differentiable by design
     (computed under no_grad).
     """
@@ -109,26 +110,27 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
         next_adv = torch.zeros_like(v[:, 0])
         for t in reversed(range(T)):
             delta = r[:, t] + gamma * next_value - v[:, t]
-            a_t = (delta + gamma * lam * next_adv) * m[:, t]
-            adv[:, t] = a_t
-            # what position t hands to t−1: zero when t is invalid (bootstrap 0 past the end)
-            next_value = v[:, t]
-            next_adv = a_t
+            a_t = delta + gamma * lam * next_adv
+            adv[:, t] = torch.where(valid[:, t], a_t, zero)
+            # what position t hands to the valid position before it; an invalid t passes on what it got
+            next_value = torch.where(valid[:, t], v[:, t], next_value)
+            next_adv = torch.where(valid[:, t], a_t, next_adv)
         returns = (adv + v) * m
     return adv, returns
 
 
 def reinforce_pp_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
-    """G_t = Σ_{k≥0} γ^k r_{t+k} over valid tokens (return-to-go, REINFORCE++); zero outside the mask."""
+    """G_t = Σ_{k≥0} γ^k r_{t+k} over the valid tokens from t on (masked positions skipped); zero outside the mask."""
     _check_tokens("rewards", rewards, mask)
     with torch.no_grad():
-        m = mask.to(rewards.dtype)
-        r = torch.where(mask != 0, rewards, torch.zeros((), dtype=rewards.dtype, device=rewards.device))
+        valid = mask != 0
+        zero = torch.zeros((), dtype=rewards.dtype, device=rewards.device)
+        r = torch.where(valid, rewards, zero)
         out = torch.zeros_like(r)
         running = torch.zeros_like(r[:, 0])
         for t in reversed(range(r.shape[1])):
-            running = (r[:, t] + gamma * running) * m[:, t]
-            out[:, t] = running
+            running = torch.where(valid[:, t], r[:, t] + gamma * running, running)
+            out[:, t] = torch.where(valid[:, t], running, zero)
     return out
 
 
@@ -136,7 +138,8 @@ def token_rewards(scores: Tensor, mask: Tensor, kl_rewards: Tensor | None = None
     """r_t = kl_rewards_t (e.g. −β·kl_t) on valid tokens, plus the sequence's score at its last valid token."""
     m = mask.to(scores.dtype if kl_rewards is None else kl_rewards.dtype)
     rewards = torch.zeros_like(m) if kl_rewards is None else torch.where(m > 0, kl_rewards, torch.zeros_like(m))
-    last = (m.sum(-1).long() - 1).clamp(min=0)
+    positions = torch.arange(m.shape[-1], device=m.device)
+    last = torch.where(m > 0, positions, torch.zeros_like(positions)).amax(-1)  # (masked positions may be inside)
     has_tokens = (m.sum(-1) > 0).to(rewards.dtype)
     return rewards.scatter_add(1, last[:, None], (scores.to(rewards.dtype) * has_tokens)[:, None])
 

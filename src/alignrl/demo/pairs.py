@@ -46,7 +46,7 @@ def sample_pairs(
     from alignrl.generation import SamplingParams
     from alignrl.models import load_causal_lm, load_tokenizer
     from alignrl.rewards import RewardFunctions
-    from alignrl.rollout import sample_and_score
+    from alignrl.rollout import NativeEngine, sample_and_score
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -57,8 +57,9 @@ def sample_pairs(
     per_batch = max(1, 512 // samples)
     for s in range(0, len(rows), per_batch):
         chunk = rows[s : s + per_batch]
-        scored = sample_and_score(model, tok, chunk, [f"row {s + i + 1}" for i in range(len(chunk))], fns, params,
-                                  repeats=samples, max_prompt_length=32, device=torch.device("cpu"))  # fmt: skip
+        wheres = [f"row {s + i + 1}" for i in range(len(chunk))]
+        scored = sample_and_score(NativeEngine(model, tok), tok, chunk, wheres, fns, params, repeats=samples,
+                                  max_prompt_length=32, device=torch.device("cpu"))  # fmt: skip
         truncated = scored.rollout.truncated.tolist()
         for i, row in enumerate(chunk):
             good, bad = [], []

@@ -31,7 +31,7 @@ from alignrl.generation import SamplingParams
 from alignrl.logprobs import token_logprobs
 from alignrl.models import adapter_disabled, is_peft
 from alignrl.rewards import RewardFunctions, check_sampling_options
-from alignrl.rollout import ScoredRollout, check_prompt_lengths, sample_and_score
+from alignrl.rollout import NativeEngine, RolloutEngine, ScoredRollout, check_prompt_lengths, sample_and_score
 from alignrl.trainers import loop
 
 
@@ -247,12 +247,19 @@ class Context:
         a, b = dist.shard_bounds(len(idx))
         G = cfg.num_generations
         base = (cfg.seed * 1_000_003 + batch_number) * 1_000_003
-        with dist.full_params(self.policy) as lm:
+        with self.engine() as engine:
             return sample_and_score(
-                lm, self.tokenizer, [self.data.rows[i] for i in idx[a:b]], [self.data.where(i) for i in idx[a:b]],
+                engine, self.tokenizer, [self.data.rows[i] for i in idx[a:b]], [self.data.where(i) for i in idx[a:b]],
                 self.reward_fns, params, repeats=G, max_prompt_length=cfg.max_prompt_length,
                 device=self.run.device, seeds=[base + j for j in range(a * G, b * G)],
             )  # fmt: skip
+
+    @contextlib.contextmanager
+    def engine(self) -> Iterator[RolloutEngine]:
+        """The rollout engine with the policy's current weights (native: the policy itself, its parameters gathered
+        under FSDP; an inference engine would receive the weights here)."""
+        with dist.full_params(self.policy) as lm:
+            yield NativeEngine(lm, self.tokenizer, self.run.device)
 
 
 def build_batch(scored: ScoredRollout, cfg: OnlineConfig) -> RolloutBatch:
