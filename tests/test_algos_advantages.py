@@ -89,7 +89,7 @@ def test_rloo_reference() -> None:
         start = (i // g) * g
         others = [vals[j] for j in range(start, start + g) if j != i]
         assert a == pytest.approx(vals[i] - sum(others) / len(others), rel=1e-12, abs=1e-12)
-    # identity from ALGORITHMS.md: G/(G−1)·(r − mean)
+    # identity (docs/algorithms.md): G/(G−1)·(r − mean)
     centred = group_advantages(r, g, scale="none")
     torch.testing.assert_close(out, centred * g / (g - 1), rtol=1e-12, atol=1e-12)
 

@@ -1,4 +1,4 @@
-"""KL estimators against python-float formulas and ALGORITHMS.md sanity values."""
+"""KL estimators against python-float formulas and the sanity values of docs/algorithms.md."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DPO-family losses and Bradley–Terry against python-float formulas and ALGORITHMS.md sanity values."""
+"""DPO-family losses and Bradley–Terry against python-float formulas and the sanity values of docs/algorithms.md."""
 
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def test_orpo_lambda_and_reference_free() -> None:
 
 
 def test_h_zero_sanity_values() -> None:
-    """ALGORITHMS.md: at π_θ = π_ref, DPO / cDPO / robust = ln 2; IPO = 1/(4β²) = 25 at β = 0.1."""
+    """docs/algorithms.md: at π_θ = π_ref, DPO / cDPO / robust = ln 2; IPO = 1/(4β²) = 25 at β = 0.1."""
     logps = _t(-12.0, -30.0, -5.5)
     lens = torch.tensor([4, 10, 3])
     common = dict(

@@ -90,7 +90,7 @@ def clipped_policy_loss(
     aggregation this equals GSPO's gradient exactly.
 
     ``dual_clip=c`` (c > 1, Ye et al. 2020; verl's ``clip_ratio_c``), where A < 0: L = min(L, −c·A), a cap
-    on the loss when ρ ≫ 1. (ALGORITHMS.md writes max(L, −c·A); that would replace the loss by the constant
+    on the loss when ρ ≫ 1. (The shared algorithm notes write max(L, −c·A); that would replace the loss by the constant
     c·|A| whenever ρ < c, removing the gradient where it matters. The published dual clip is the cap, min.)
 
     `advantages` is [B] (shared by every token of a sequence) or [B, T]. Returns (loss, stats): stats are
