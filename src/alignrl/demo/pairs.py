@@ -15,6 +15,7 @@ from pathlib import Path
 
 from alignrl.data import write_jsonl
 from alignrl.demo import DemoContext
+from alignrl.demo.task import worked_solution
 
 SAMPLES_PER_PROMPT = 8  # completions sampled per prompt at temperature 1
 PAIRS_PER_PROMPT = 2  # at most this many (correct, incorrect) pairs per prompt
@@ -40,7 +41,9 @@ def _cached(marker: Path, key: dict) -> bool:
 def sample_pairs(
     ctx: DemoContext, sft_dir: str, rows: list[dict], samples: int, pairs_per_prompt: int, seed: int
 ) -> list[dict]:
-    """Sample `samples` completions per row from the model; pair distinct correct and incorrect ones."""
+    """Sample `samples` completions per row from the model; pair distinct correct and incorrect ones. With
+    --quick (an SFT model of a few steps, which rarely finishes an answer), a prompt without such a pair gets the
+    worked solution against the same with a wrong final answer, so that the quick demo runs end to end."""
     import torch
 
     from alignrl.generation import SamplingParams
@@ -74,6 +77,11 @@ def sample_pairs(
             rng.shuffle(bad)
             for k in range(min(pairs_per_prompt, max(len(good), len(bad)) if good and bad else 0)):
                 out.append({"prompt": row["prompt"], "chosen": good[k % len(good)], "rejected": bad[k % len(bad)]})
+            if ctx.quick and not (good and bad):
+                a, b = (int(x) for x in row["prompt"].rstrip("=").split("+"))
+                right = worked_solution(a, b)
+                wrong = right[: right.rindex(";") + 1] + str(a + b + 1)
+                out.append({"prompt": row["prompt"], "chosen": right, "rejected": wrong})
     return out
 
 
