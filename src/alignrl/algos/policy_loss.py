@@ -57,6 +57,11 @@ def _check_bt(name: str, x: Tensor, mask: Tensor) -> None:
         raise ValueError(f"{name} must be [B, T] like mask {tuple(mask.shape)}, got {tuple(x.shape)}")
 
 
+def _check_clip_range(eps_low: float, eps_high: float) -> None:
+    if eps_low < 0 or eps_high < 0:
+        raise AlignRLError(f"clip ranges must be >= 0, got eps_low={eps_low}, eps_high={eps_high}")
+
+
 def _token_advantages(advantages: Tensor, logp: Tensor) -> Tensor:
     """Advantages [B] (one per sequence) or [B, T] as detached [B, T] in logp's dtype."""
     if advantages.dim() == 1 and advantages.shape[0] == logp.shape[0]:
@@ -100,8 +105,7 @@ def clipped_policy_loss(
     _check_bt("logp", logp, mask)
     _check_bt("old_logp", old_logp, mask)
     ratio_of = IMPORTANCE_SAMPLING_LEVELS[importance_sampling]
-    if eps_low < 0 or eps_high < 0:
-        raise AlignRLError(f"clip ranges must be >= 0, got eps_low={eps_low}, eps_high={eps_high}")
+    _check_clip_range(eps_low, eps_high)
     if dual_clip is not None and dual_clip <= 1.0:
         raise AlignRLError(f"dual_clip must be > 1 (typically 3), got {dual_clip}")
     adv = _token_advantages(advantages, logp)
@@ -158,8 +162,7 @@ def cispo_loss(
     _check_bt("old_logp", old_logp, mask)
     if importance_sampling != "token" or dual_clip is not None:
         raise AlignRLError("cispo: only token-level importance sampling and no dual_clip")
-    if eps_low < 0 or eps_high < 0:
-        raise AlignRLError(f"clip ranges must be >= 0, got eps_low={eps_low}, eps_high={eps_high}")
+    _check_clip_range(eps_low, eps_high)
     adv = _token_advantages(advantages, logp)
     valid = mask != 0
     zero = _zero(logp)

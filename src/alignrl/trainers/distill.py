@@ -80,9 +80,7 @@ class Distill(online.OnlineAlgorithm):
         return loss, {"clip/clipped": masked_mean(st["is_clipped"], m)}
 
     def metrics(self, batch: online.RolloutBatch, stats: dict[str, float]) -> dict[str, float]:
-        reverse_kl = (batch.old_logp - batch.ref_logp) * batch.loss_mask  # type: ignore[operator]
-        tokens = batch.total(batch.loss_mask.sum()).clamp(min=1)
-        stats["distill/reverse_kl"] = float(batch.total(reverse_kl.sum()) / tokens)  # per token
+        stats["distill/reverse_kl"] = batch.token_mean(-batch.advantages)  # type: ignore[operator]  # (= −r_t)
         return stats
 
 

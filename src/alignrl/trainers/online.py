@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from alignrl import checkpoint
 from alignrl import distributed as dist
-from alignrl.algos.utils import masked_mean, masked_moments
+from alignrl.algos.utils import masked_mean, masked_moments, masked_sum
 from alignrl.config import TrainConfig
 from alignrl.data import Rows, infinite_batches, load_rows, require_columns
 from alignrl.errors import AlignRLError
@@ -102,6 +102,9 @@ class RolloutBatch:
     ref_logp: Tensor | None = None  # [B, C] reference (or teacher) log-probs, when the algorithm asks for them
     advantages: Tensor | None = None  # [B, C] or [B]
     extra: dict[str, Tensor] = field(default_factory=dict)  # algorithm-specific per-row tensors
+    # this process's rows in micro-batches (row indices, loss weight), split once by `build_batch` for every pass
+    # over the whole batch (reference, critic, update); empty in a micro-batch
+    parts: list[tuple[Tensor, float]] = field(default_factory=list)
 
     @property
     def num_rows(self) -> int:
@@ -111,6 +114,10 @@ class RolloutBatch:
     def total(self, x: Any) -> Any:
         """Σ of `x` over every process's part of the batch."""
         return x if self.global_sum is None else self.global_sum(x)
+
+    def token_mean(self, x: Tensor) -> float:
+        """Mean of `x` [B, C] over the loss tokens of the whole batch (every process's part)."""
+        return float(self.total(masked_sum(x, self.loss_mask)) / self.total(self.loss_mask.sum()).clamp(min=1))
 
     def select(self, rows: Tensor) -> RolloutBatch:
         """The micro-batch of `rows` (every per-row tensor indexed; batch-level fields kept)."""
@@ -122,6 +129,7 @@ class RolloutBatch:
                 v = v[rows]
             out[f.name] = v
         out["extra"] = {k: v[rows] for k, v in self.extra.items()}
+        out["parts"] = []
         return RolloutBatch(**out)
 
 
@@ -270,7 +278,7 @@ def build_batch(scored: ScoredRollout, cfg: OnlineConfig) -> RolloutBatch:
     distributed = dist.is_dist()
     num_seqs = dist.all_reduce(n) if distributed else n
     offset = dist.shard_bounds(num_seqs, cfg.num_generations)[0] if distributed else 0
-    return RolloutBatch(
+    batch = RolloutBatch(
         input_ids=ro.input_ids,
         attention_mask=ro.attention_mask,
         completion_mask=ro.completion_mask,
@@ -284,6 +292,8 @@ def build_batch(scored: ScoredRollout, cfg: OnlineConfig) -> RolloutBatch:
         offset=offset,
         global_sum=dist.all_reduce if distributed else None,
     )
+    batch.parts = micro_batches(batch, torch.arange(n, device=batch.input_ids.device), cfg)
+    return batch
 
 
 def micro_batches(batch: RolloutBatch, rows: Tensor, cfg: OnlineConfig) -> list[tuple[Tensor, float]]:
@@ -299,7 +309,7 @@ def reference_pass(ctx: Context, algo: OnlineAlgorithm, batch: RolloutBatch) -> 
     ref_logp = torch.zeros(batch.completion_mask.shape, device=batch.input_ids.device)
     with torch.no_grad(), loop.autocast(cfg, ctx.run.device):
         with adapter_disabled(ctx.model) if ctx.reference is None else contextlib.nullcontext():
-            for sel, w in micro_batches(batch, torch.arange(batch.num_rows, device=ref_logp.device), cfg):
+            for sel, w in batch.parts:
                 logp = ctx.logprobs(ctx.reference or ctx.policy, batch.select(sel))[0]
                 if w:
                     ref_logp[sel] = logp
@@ -323,13 +333,13 @@ def update(
     upd: dict[str, float] = {}
     params = algo.trainable()
     whole = torch.arange(n, device=batch.input_ids.device)
-    micro_whole = micro_batches(batch, whole, cfg) if algo.minibatches == 1 and not algo.shuffle else None
+    in_order = algo.minibatches == 1 and not algo.shuffle  # one minibatch, the whole batch: its parts as split
     for epoch in range(algo.epochs):
         if algo.shuffle:
             order = torch.randperm(N, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         for k in range(algo.minibatches):
-            if micro_whole is not None:
-                local, micro = whole, micro_whole
+            if in_order:
+                local, micro = whole, batch.parts
             else:
                 glob = order[k * size : (k + 1) * size] if algo.shuffle else torch.arange(k * size, (k + 1) * size)
                 local = (glob[(glob >= lo) & (glob < lo + n)] - lo).to(whole.device)  # this process's rows of it

@@ -185,7 +185,7 @@ class PPO(online.OnlineAlgorithm):
             batch.scores = batch.scores - cfg.missing_eos_penalty * batch.truncated.float()
         old_values = torch.zeros_like(mask)
         with timer("values"), torch.no_grad(), loop.autocast(cfg, ctx.run.device):
-            for sel, w in online.micro_batches(batch, torch.arange(batch.num_rows, device=mask.device), cfg):
+            for sel, w in batch.parts:
                 mb = batch.select(sel)
                 values = self.critic.values(ctx.policy, mb.input_ids, mb.attention_mask, mb.prompt_len, mb.loss_mask)
                 if w:

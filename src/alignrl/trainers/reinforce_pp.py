@@ -56,13 +56,13 @@ class ReinforcePP(GRPO):
         inputs.gamma = self.cfg.gamma
         if self.kl_in_reward():
             assert batch.ref_logp is not None
-            inputs.kl_rewards = -self.cfg.beta * kl_estimate(batch.old_logp, batch.ref_logp, "k1") * batch.loss_mask
+            batch.extra["kl"] = kl_estimate(batch.old_logp, batch.ref_logp, "k1") * batch.loss_mask
+            inputs.kl_rewards = -self.cfg.beta * batch.extra["kl"]
         return inputs
 
     def metrics(self, batch: online.RolloutBatch, stats: dict[str, float]) -> dict[str, float]:
-        if self.kl_in_reward():  # the sampled policy's k1 KL per token, as it entered the reward
-            kl = kl_estimate(batch.old_logp, batch.ref_logp, "k1") * batch.loss_mask  # type: ignore[arg-type]
-            stats["kl"] = float(batch.total(kl.sum()) / batch.total(batch.loss_mask.sum()).clamp(min=1))
+        if "kl" in batch.extra:  # the sampled policy's k1 KL per token, as it entered the reward
+            stats["kl"] = batch.token_mean(batch.extra["kl"])
         return stats
 
 
