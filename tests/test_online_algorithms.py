@@ -191,3 +191,33 @@ def test_runs_from_the_cli(tiny_model, teacher, tmp_path, algo, extra) -> None:
     assert main(argv) == 0
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
     assert json.loads((tmp_path / "run" / "alignrl_run.json").read_text())["algorithm"] == algo
+
+
+# ----------------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize(
+    "cls,args,message",
+    [
+        ("grpo.GRPOConfig", ["policy_loss=ppo"], r"policy_loss: unknown policy loss 'ppo' \(choose from clipped, cisp"),
+        ("grpo.GRPOConfig", ["advantage_estimator=gea"], r"advantage_estimator: unknown advantage estimator 'gea'"),
+        ("grpo.GRPOConfig", ["advantage_estimator=gae"], "gae needs a critic"),
+        ("grpo.GRPOConfig", ["loss_aggregation=mean"], "loss_aggregation: unknown loss aggregation 'mean'"),
+        ("grpo.GRPOConfig", ["kl_estimator=k4"], "kl_estimator: unknown KL estimator 'k4'"),
+        ("dpo.DPOConfig", ["loss_type=kto"], "loss_type: unknown preference loss_type 'kto'"),
+        ("reinforce_pp.ReinforcePPConfig", ["advantage_estimator=grpo"], "reinforce_pp or reinforce_pp_baseline"),
+        ("reinforce_pp.ReinforcePPConfig", ["advantage_estimator=reinforce_pp_baseline", "num_generations=1"],
+         "needs ≥ 2"),
+        ("reinforce_pp.ReinforcePPConfig", ["gamma=0"], r"gamma: must be in \(0, 1\]"),
+        ("cispo.CISPOConfig", ["policy_loss=clipped"], "policy_loss: cispo"),
+        ("distill.DistillConfig", [], "teacher_model: give the teacher's model directory"),
+        ("distill.DistillConfig", ["teacher_model=t", "num_iterations=0"], "num_iterations: must be ≥ 1"),
+    ],
+)
+def test_option_errors_are_one_line(cls, args, message) -> None:
+    import importlib
+
+    module, name = cls.split(".")
+    config = getattr(importlib.import_module(f"alignrl.trainers.{module}"), name)
+    with pytest.raises(AlignRLError, match=message):
+        load_config(config, None, ["model=m", *args])
