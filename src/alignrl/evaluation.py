@@ -123,13 +123,14 @@ def eval_sums(
     device: torch.device | str = "cpu",
     seed: int = 0,
     first_index: int = 0,
+    interaction: Any = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Sums over the prompts of `data` (a process's share, added over processes by the caller; `first_index` is
     the share's start in the whole set) and the greedy completions as sample rows."""
     wheres = [data.where(i) for i in range(len(data))]
     greedy = score_rows(model, tokenizer, data.rows, fns, SamplingParams(max_new_tokens, 0.0), batch_size=batch_size,
                         max_prompt_length=max_prompt_length, device=device, seed=seed, wheres=wheres,
-                        first_index=first_index)  # fmt: skip
+                        first_index=first_index, interaction=interaction)  # fmt: skip
     sums = {
         "prompts": float(len(data)),
         "reward": float(greedy.rewards.sum()),
@@ -140,15 +141,18 @@ def eval_sums(
         applies = ~greedy.raw[:, j].isnan()
         sums[f"rewards/{name}/sum"] = float(greedy.raw[applies, j].sum())
         sums[f"rewards/{name}/count"] = float(applies.sum())
+    for key, values in greedy.episode_stats.items():  # multi-turn: means over episodes, as in training
+        sums[f"{key if key.startswith('env/') else 'episode/' + key}/sum"] = float(values.sum())
     if pass_k >= 1:
         sampled = score_rows(model, tokenizer, data.rows, fns, SamplingParams(max_new_tokens, temperature),
                              repeats=pass_k, batch_size=batch_size, max_prompt_length=max_prompt_length,
-                             device=device, seed=seed, wheres=wheres, first_index=first_index)  # fmt: skip
+                             device=device, seed=seed, wheres=wheres, first_index=first_index,
+                             interaction=interaction)  # fmt: skip
         hits = (sampled.rewards.view(len(data), pass_k) >= threshold).sum(1).tolist()
         sums["pass_at_k"] = sum(pass_at_k(pass_k, int(c), pass_k) for c in hits)
     samples = [
-        {"eval": True, "prompt": row["prompt"], "completion": c, "reward": float(r)}
-        for row, c, r in zip(data.rows, greedy.completions, greedy.rewards.tolist())
+        {"eval": True, "prompt": p, "completion": c, "reward": float(r)}
+        for p, c, r in zip(greedy.prompts, greedy.completions, greedy.rewards.tolist())
     ]
     return sums, samples
 
@@ -159,10 +163,23 @@ def eval_set(cfg: Any) -> tuple[Rows | None, RewardFunctions | None]:
     if not cfg.eval_file:
         return None, None
     data = load_rows(cfg.eval_file)
-    require_columns(data, ["prompt"])
-    specs = cfg.eval_reward_funcs or cfg.reward_funcs
+    multi_turn = getattr(cfg, "multi_turn", False)
+    if not multi_turn:
+        require_columns(data, ["prompt"])
+    specs = cfg.eval_reward_funcs or cfg.reward_funcs or []
     weights = None if cfg.eval_reward_funcs else cfg.reward_weights
-    return data, RewardFunctions(specs, weights, set(data.rows[0]), cfg.eval_file, cfg.reward_timeout, cfg.max_steps)
+    columns = set(data.rows[0])
+    if multi_turn:
+        from alignrl.episodes import ENV_COLUMNS, environment_reward
+
+        columns |= set(ENV_COLUMNS)
+    fns = RewardFunctions(specs, weights, columns, cfg.eval_file, cfg.reward_timeout, cfg.max_steps,
+                          required=not multi_turn)  # fmt: skip
+    if multi_turn:
+        from alignrl.episodes import load_environment
+
+        fns.add(load_environment(cfg.environment)[0] if cfg.environment else "tools", environment_reward)
+    return data, fns
 
 
 def evaluate_online(
@@ -173,6 +190,7 @@ def evaluate_online(
     cfg: Any,
     device: torch.device,
     step: int,
+    interaction: Any = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Held-out evaluation inside an online trainer (GRPO, PPO), when one is due (an eval_file, and step 0, every
     eval_steps or the last step; else nothing): every rank scores its share of `data` with the policy's full
@@ -187,9 +205,10 @@ def evaluate_online(
         sums, samples = eval_sums(
             model, tokenizer, data.subset(range(a, b)), fns, max_new_tokens=cfg.max_completion_length,
             max_prompt_length=cfg.max_prompt_length, pass_k=cfg.eval_pass_k, temperature=cfg.temperature,
-            device=device, seed=cfg.seed, first_index=a,
+            device=device, seed=cfg.seed, first_index=a, interaction=interaction,
         )  # fmt: skip
-    sums = {k: dist.all_reduce(v) for k, v in sums.items()}
+    keys = sorted(set(dist.all_gather_objects(list(sums)))) if dist.is_dist() else list(sums)  # reward parts vary
+    sums = {k: dist.all_reduce(sums.get(k, 0.0)) for k in keys}
     metrics = {f"eval/{k}": v for k, v in eval_metrics(sums, fns.names, cfg.eval_pass_k).items()}
     return metrics, dist.all_gather_objects(samples)
 
@@ -204,6 +223,9 @@ def eval_metrics(sums: dict[str, float], names: list[str], pass_k: int) -> dict[
         out[f"rewards/{name}/mean"] = sums[f"rewards/{name}/sum"] / count if count else math.nan
     if pass_k >= 1:
         out[f"pass@{pass_k}"] = sums["pass_at_k"] / n
+    for key in sums:
+        if key.startswith(("episode/", "env/")):
+            out[key.removesuffix("/sum")] = sums[key] / n
     return out
 
 

@@ -41,6 +41,8 @@ class Rollout:
     completion_mask: torch.Tensor  # [B, C], 1 up to and including the EOS token
     logprobs: torch.Tensor  # [B, C], log-probs of the sampled tokens from temperature-scaled logits
     truncated: torch.Tensor  # [B] bool: no EOS within max_new_tokens
+    # [B, C] 1 on sampled tokens, 0 on what an environment appended between turns; None: all of completion_mask
+    action_mask: torch.Tensor | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -49,6 +51,11 @@ class Rollout:
     @property
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+    @property
+    def sampled_mask(self) -> torch.Tensor:
+        """[B, C] 1 on the tokens the policy sampled (the tokens that carry log-probs)."""
+        return self.completion_mask if self.action_mask is None else self.completion_mask * self.action_mask
 
     def completion_lists(self) -> list[list[int]]:
         """Completion token ids per sample, without padding."""

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -16,6 +16,9 @@ from alignrl.data import Rows, encode, pad_batch, render_prompt
 from alignrl.errors import AlignRLError
 from alignrl.generation import Rollout, SamplingParams, generate
 from alignrl.rewards import RewardFunctions
+
+if TYPE_CHECKING:
+    from alignrl.episodes import Interaction
 
 
 def eos_ids(tokenizer: PreTrainedTokenizerBase, model: nn.Module) -> list[int]:
@@ -84,20 +87,22 @@ class ScoredRollout:
     completions: list[Any]  # decoded text (or [{"role": "assistant", ...}] for chat prompts)
     raw_rewards: torch.Tensor  # [N, F]
     rewards: torch.Tensor  # [N]
+    episode_stats: dict[str, torch.Tensor] = field(default_factory=dict)  # [N] each, multi-turn episodes only
 
 
 def select_rollouts(s: ScoredRollout, keep: torch.Tensor) -> ScoredRollout:
     """The samples where the bool mask `keep` [N] is set."""
     r = s.rollout
     k = keep.to(r.completion_ids.device)
-    fields = (r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, r.logprobs, r.truncated)
+    fields = (r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, r.logprobs, r.truncated, r.action_mask)
     kept = keep.nonzero().squeeze(-1).tolist()
     return ScoredRollout(
-        Rollout(*(t[k] for t in fields)),
+        Rollout(*(None if t is None else t[k] for t in fields)),
         [s.prompts[i] for i in kept],
         [s.completions[i] for i in kept],
         s.raw_rewards[keep.to(s.raw_rewards.device)],
         s.rewards[keep.to(s.rewards.device)],
+        {name: v[keep.to(v.device)] for name, v in s.episode_stats.items()},
     )
 
 
@@ -107,6 +112,12 @@ def _pad_columns(t: torch.Tensor, width: int, value: float, left: bool) -> torch
         return t
     pad = torch.full((t.shape[0], extra), value, dtype=t.dtype, device=t.device)
     return torch.cat([pad, t] if left else [t, pad], dim=1)
+
+
+def merge_episode_stats(parts: Sequence[ScoredRollout]) -> dict[str, torch.Tensor]:
+    """The episode statistics of several scored rollouts, in order (a reward part one lacks counts as 0)."""
+    keys = sorted({k for p in parts for k in p.episode_stats})
+    return {k: torch.cat([p.episode_stats.get(k, torch.zeros(len(p.rewards))) for p in parts]) for k in keys}
 
 
 def concat_rollouts(parts: Sequence[ScoredRollout], pad_id: int) -> ScoredRollout:
@@ -124,13 +135,16 @@ def concat_rollouts(parts: Sequence[ScoredRollout], pad_id: int) -> ScoredRollou
         cat("completion_mask", C, 0, False),
         cat("logprobs", C, 0.0, False),
         torch.cat([p.rollout.truncated for p in parts]),
+        None if parts[0].rollout.action_mask is None else cat("action_mask", C, 0, False),
     )
+    stats = merge_episode_stats(parts)
     return ScoredRollout(
         rollout,
         [x for p in parts for x in p.prompts],
         [x for p in parts for x in p.completions],
         torch.cat([p.raw_rewards for p in parts]),
         torch.cat([p.rewards for p in parts]),
+        stats,
     )
 
 
@@ -173,9 +187,14 @@ def sample_and_score(
     max_prompt_length: int,
     device: torch.device,
     seeds: Sequence[int] | None = None,
+    interaction: Interaction | None = None,
 ) -> ScoredRollout:
     """Sample `repeats` completions per row (contiguous per prompt) with `engine` and score them with the reward
-    functions."""
+    functions; with an `interaction`, each sample is a multi-turn episode with its environment."""
+    if interaction is not None:
+        return _sample_episodes(engine, tokenizer, rows, reward_fns, params, repeats=repeats,
+                                max_prompt_length=max_prompt_length, device=device, seeds=seeds,
+                                interaction=interaction)  # fmt: skip
     prompt_ids = encode_prompts(rows, tokenizer, max_prompt_length, wheres)
     rollout = engine.generate([p for p in prompt_ids for _ in range(repeats)], params, seeds)
     comp_ids = rollout.completion_lists()
@@ -190,14 +209,45 @@ def sample_and_score(
     return ScoredRollout(rollout, prompts, completions, raw, reward_fns.combine(raw).to(device))
 
 
+def _sample_episodes(
+    engine: RolloutEngine,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Sequence[dict[str, Any]],
+    reward_fns: RewardFunctions,
+    params: SamplingParams,
+    *,
+    repeats: int,
+    max_prompt_length: int,
+    device: torch.device,
+    seeds: Sequence[int] | None,
+    interaction: Interaction,
+) -> ScoredRollout:
+    """`repeats` episodes per row, scored: the reward functions see the first messages as `prompts`, the turns
+    that followed as `completions`, the environment instances as `environments` and the summed environment
+    reward parts as `environment_reward`."""
+    from alignrl.episodes import run_episodes
+
+    rep_rows = [r for r in rows for _ in range(repeats)]
+    eps = run_episodes(engine, tokenizer, interaction, rep_rows, params, max_prompt_length=max_prompt_length,
+                       seeds=seeds, device=device)  # fmt: skip
+    columns: dict[str, list] = {k: [r.get(k) for r in rep_rows] for k in rows[0]}
+    columns["environments"] = eps.environments
+    columns["environment_reward"] = [sum(p.values()) if p else None for p in eps.env_rewards]
+    traj_ids = eps.rollout.completion_lists()
+    raw = reward_fns.score(eps.prompts, eps.completions, traj_ids, columns)
+    return ScoredRollout(eps.rollout, eps.prompts, eps.completions, raw, reward_fns.combine(raw).to(device), eps.stats)
+
+
 @dataclass
 class RowScores:
     """What `score_rows` returns, prompt-major (row i's samples at i * repeats ... i * repeats + repeats - 1)."""
 
     rewards: torch.Tensor  # [N * repeats] combined
     raw: torch.Tensor  # [N * repeats, F] per function, NaN where it did not apply
-    lengths: torch.Tensor  # [N * repeats] completion tokens (up to and including EOS)
+    lengths: torch.Tensor  # [N * repeats] completion tokens (up to and including EOS; sampled tokens only)
     completions: list[Any]  # as given to the reward functions
+    prompts: list[Any] = field(default_factory=list)  # likewise (an episode's first messages)
+    episode_stats: dict[str, torch.Tensor] = field(default_factory=dict)  # multi-turn episodes only
 
 
 def score_rows(
@@ -214,13 +264,14 @@ def score_rows(
     seed: int = 0,
     wheres: Sequence[str] | None = None,
     first_index: int = 0,
+    interaction: Interaction | None = None,
 ) -> RowScores:
     """`repeats` completions of every row, sampled in batches of about `batch_size` completions and scored. Sample
     j of row i draws its noise from (seed, first_index + i, j): the results depend neither on the batch size nor,
     when a data set is split over processes (first_index = the share's start), on the split."""
     device = torch.device(device)
     per_batch = max(1, batch_size // repeats)
-    rewards, raws, lengths, completions = [], [], [], []
+    rewards, raws, lengths, prompts, completions, stats = [], [], [], [], [], []
     for s in range(0, len(rows), per_batch):
         idx = range(s, min(s + per_batch, len(rows)))
         where = [wheres[i] if wheres else f"row {i + 1}" for i in idx]
@@ -228,11 +279,16 @@ def score_rows(
             NativeEngine(model, tokenizer, device), tokenizer, [rows[i] for i in idx], where, reward_fns, params,
             repeats=repeats, max_prompt_length=max_prompt_length, device=device,
             seeds=[seed * 1_000_003 + (first_index + i) * repeats + j for i in idx for j in range(repeats)],
+            interaction=interaction,
         )  # fmt: skip
         rewards.append(scored.rewards.float().cpu())
         raws.append(scored.raw_rewards.float().cpu())
-        lengths.append(scored.rollout.completion_mask.sum(1).cpu())
+        lengths.append(scored.rollout.sampled_mask.sum(1).cpu())
+        prompts += scored.prompts
         completions += scored.completions
+        stats.append(scored)
     if not rewards:
         return RowScores(torch.zeros(0), torch.zeros(0, len(reward_fns.names)), torch.zeros(0, dtype=torch.long), [])
-    return RowScores(torch.cat(rewards), torch.cat(raws), torch.cat(lengths), completions)
+    return RowScores(
+        torch.cat(rewards), torch.cat(raws), torch.cat(lengths), completions, prompts, merge_episode_stats(stats)
+    )

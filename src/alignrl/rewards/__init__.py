@@ -33,8 +33,8 @@ BUILTIN_REWARDS = {
 }
 
 
-def _run_reward_file(path: Path, shown: str) -> ModuleType:
-    """Run a reward file as a module of its own (not in sys.modules); any error is one line naming it."""
+def _run_reward_file(path: Path, shown: str, option: str = "reward_funcs") -> ModuleType:
+    """Run a user's file as a module of its own (not in sys.modules); any error is one line naming it."""
     mod_spec = importlib.util.spec_from_file_location(f"alignrl_user_reward_{path.stem}", path)
     assert mod_spec and mod_spec.loader
     module = importlib.util.module_from_spec(mod_spec)
@@ -43,8 +43,53 @@ def _run_reward_file(path: Path, shown: str) -> ModuleType:
     except KeyboardInterrupt:
         raise
     except BaseException as e:  # noqa: BLE001 - user code, SystemExit included
-        raise AlignRLError(f"reward_funcs: importing {shown} failed: {type(e).__name__}: {e}") from None
+        raise AlignRLError(f"{option}: importing {shown} failed: {type(e).__name__}: {e}") from None
     return module
+
+
+def load_object(option: str, spec: str, files: dict[Path, ModuleType] | None = None, what: str = "function") -> Any:
+    """The object `spec` names ('package.module:name' or 'path/to/file.py:name'; None if the module lacks it); a
+    file runs as a module of its own, once per `files` cache; any failure is one line naming `option`."""
+    module_part, sep, name = spec.rpartition(":")
+    if not sep or not module_part or not name:
+        raise AlignRLError(f"{option}: {spec!r} is not 'package.module:{what}' or 'path/to/file.py:{what}'")
+    if module_part.endswith(".py"):
+        path = Path(module_part)
+        if not path.is_file():
+            raise AlignRLError(f"{option}: {spec!r}: file {module_part} not found")
+        files = {} if files is None else files
+        key = path.resolve()
+        module = files[key] = files.get(key) or _run_reward_file(path, module_part, option)
+    else:
+        try:
+            module = importlib.import_module(module_part)
+        except ImportError as e:
+            raise AlignRLError(f"{option}: cannot import {module_part!r} ({e})") from None
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # noqa: BLE001 - user code, SystemExit included
+            raise AlignRLError(f"{option}: importing {module_part} failed: {type(e).__name__}: {e}") from None
+    return getattr(module, name, None)
+
+
+def load_named(
+    option: str, spec: str, builtins: dict[str, Any], what: str, files: dict[Path, ModuleType] | None = None
+) -> tuple[str, Any]:
+    """(name, callable) of a built-in (its value: the object or its 'module:name') or of a user's
+    `package.module:NAME` / `path/to/file.py:NAME` (its name: NAME); every failure is one line naming `option`."""
+    target = builtins.get(spec, spec)
+    if not isinstance(target, str):
+        return spec, target
+    module_part, sep, name = target.rpartition(":")
+    if not sep or not module_part or not name:
+        raise AlignRLError(
+            f"{option}: {spec!r} is not a built-in ({', '.join(builtins)}), 'package.module:{what}' or "
+            f"'path/to/file.py:{what}'"
+        )
+    obj = load_object(option, target, files, what)
+    if not callable(obj):
+        raise AlignRLError(f"{option}: {module_part} has no {what.lower()} {name!r}")
+    return (spec if spec in builtins else name), obj
 
 
 def load_reward_function(spec: str, files: dict[Path, ModuleType] | None = None) -> tuple[str, RewardFn]:
@@ -56,33 +101,7 @@ def load_reward_function(spec: str, files: dict[Path, ModuleType] | None = None)
         from alignrl.rewards.reward_model import RewardModelScorer
 
         return RewardModelScorer.name_for(spec), RewardModelScorer(spec)
-    target = BUILTIN_REWARDS.get(spec, spec)
-    module_part, sep, fn_name = target.rpartition(":")
-    if not sep or not module_part or not fn_name:
-        raise AlignRLError(
-            f"reward_funcs: {spec!r} is not a built-in ({', '.join(BUILTIN_REWARDS)}), "
-            "'package.module:function' or 'path/to/file.py:function'"
-        )
-    if module_part.endswith(".py"):
-        path = Path(module_part)
-        if not path.is_file():
-            raise AlignRLError(f"reward_funcs: {spec!r}: file {module_part} not found")
-        files = {} if files is None else files
-        key = path.resolve()
-        module = files[key] = files.get(key) or _run_reward_file(path, module_part)
-    else:
-        try:
-            module = importlib.import_module(module_part)
-        except ImportError as e:
-            raise AlignRLError(f"reward_funcs: cannot import {module_part!r} ({e})") from None
-        except KeyboardInterrupt:
-            raise
-        except BaseException as e:  # noqa: BLE001 - user code, SystemExit included
-            raise AlignRLError(f"reward_funcs: importing {module_part} failed: {type(e).__name__}: {e}") from None
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise AlignRLError(f"reward_funcs: {module_part} has no function {fn_name!r}")
-    return (spec if spec in BUILTIN_REWARDS else fn_name), fn
+    return load_named("reward_funcs", spec, BUILTIN_REWARDS, "function", files)
 
 
 # What every call passes besides the dataset columns, as TRL's GRPOTrainer does.

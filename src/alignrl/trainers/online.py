@@ -26,6 +26,7 @@ from alignrl import distributed as dist
 from alignrl.algos.utils import masked_mean, masked_moments, masked_sum
 from alignrl.config import TrainConfig
 from alignrl.data import Rows, infinite_batches, load_rows, require_columns
+from alignrl.episodes import ENV_COLUMNS, Interaction, build_interaction, environment_reward, warn_positions
 from alignrl.errors import AlignRLError
 from alignrl.evaluation import eval_set, evaluate_online
 from alignrl.generation import SamplingParams
@@ -47,7 +48,8 @@ class OnlineConfig(TrainConfig):
     temperature: float = 1.0  # sampling temperature; log-probs use logits / temperature
     top_p: float = 1.0
     top_k: int = 0
-    reward_funcs: list[str] = field(default_factory=lambda: ["gsm8k"])  # built-ins, module:fn, file.py:fn, RM dirs
+    # built-ins, module:fn, file.py:fn, RM dirs; None: gsm8k, or none with an environment (its reward counts)
+    reward_funcs: list[str] | None = None
     reward_weights: list[float] | None = None
     reward_timeout: float = 600.0  # seconds one reward-function call may take before the run stops; 0: no limit
     micro_batch_size: int = 0  # > 0: sequences per forward/backward (overrides micro_batch_tokens); 0: by tokens
@@ -55,6 +57,12 @@ class OnlineConfig(TrainConfig):
     # held-out evaluation (eval_file, every eval_steps and at the end): eval/... metrics, completions in samples.jsonl
     eval_reward_funcs: list[str] | None = None  # reward functions for evaluation; None: reward_funcs
     eval_pass_k: int = 0  # > 0: also pass@k from k samples per eval prompt at `temperature`
+    # multi-turn episodes (alignrl.envs): an environment (built-in name, module:Class, file.py:Class) and/or tools
+    environment: str | None = None
+    tools: list[str] = field(default_factory=list)  # tool functions: python, calculator, module:fn, file.py:fn
+    max_turns: int = 0  # assistant turns per episode; 0: the environment's own max_turns, else 4
+    max_episode_tokens: int = 0  # tokens after the first prompt, both kinds; 0: max_turns × max_completion_length
+    tool_timeout: float = 10.0  # seconds a tool call may take before it returns a timeout error
 
     MIN_GENERATIONS: ClassVar[int] = 1
 
@@ -75,7 +83,23 @@ class OnlineConfig(TrainConfig):
         check_sampling_options(self)
         if self.micro_batch_size < 0:
             raise AlignRLError("micro_batch_size: must be ≥ 0 (0: split by micro_batch_tokens)")
-        loop.check_token_budget(self, self.max_prompt_length + self.max_completion_length, "prompt + completion")
+        if self.reward_funcs is None:
+            self.reward_funcs = [] if self.multi_turn else ["gsm8k"]
+        for name in ("max_turns", "max_episode_tokens"):
+            if getattr(self, name) < 0:
+                raise AlignRLError(f"{name}: must be ≥ 0 (0: the default)")
+        if self.tool_timeout <= 0:
+            raise AlignRLError("tool_timeout: must be > 0 seconds")
+        if self.multi_turn:
+            episode = self.max_episode_tokens or (self.max_turns or 4) * self.max_completion_length
+            loop.check_token_budget(self, self.max_prompt_length + episode, "prompt + episode")
+        else:
+            loop.check_token_budget(self, self.max_prompt_length + self.max_completion_length, "prompt + completion")
+
+    @property
+    def multi_turn(self) -> bool:
+        """Episodes with an environment or tools rather than one completion per prompt."""
+        return bool(self.environment or self.tools)
 
     @property
     def batch_size(self) -> int:
@@ -231,6 +255,7 @@ class Context:
     data: Rows
     reward_fns: RewardFunctions
     reference: nn.Module | None = None
+    interaction: Interaction | None = None  # multi-turn episodes
 
     def reference_lm(self) -> nn.Module:
         """The plain reference (or teacher) model inside its wrapper."""
@@ -260,7 +285,7 @@ class Context:
             return sample_and_score(
                 engine, self.tokenizer, [self.data.rows[i] for i in idx[a:b]], [self.data.where(i) for i in idx[a:b]],
                 self.reward_fns, params, repeats=G, max_prompt_length=cfg.max_prompt_length,
-                device=self.run.device, seeds=[base + j for j in range(a * G, b * G)],
+                device=self.run.device, seeds=[base + j for j in range(a * G, b * G)], interaction=self.interaction,
             )  # fmt: skip
 
     @contextlib.contextmanager
@@ -281,8 +306,8 @@ def build_batch(scored: ScoredRollout, cfg: OnlineConfig) -> RolloutBatch:
     batch = RolloutBatch(
         input_ids=ro.input_ids,
         attention_mask=ro.attention_mask,
-        completion_mask=ro.completion_mask,
-        loss_mask=ro.completion_mask.float(),
+        completion_mask=ro.sampled_mask,
+        loss_mask=ro.sampled_mask.float(),
         old_logp=ro.logprobs,
         scores=scored.rewards.float(),
         truncated=ro.truncated,
@@ -298,7 +323,7 @@ def build_batch(scored: ScoredRollout, cfg: OnlineConfig) -> RolloutBatch:
 
 def micro_batches(batch: RolloutBatch, rows: Tensor, cfg: OnlineConfig) -> list[tuple[Tensor, float]]:
     """`rows` in micro-batches of similar lengths within the token budget (or micro_batch_size), with weights."""
-    lengths = batch.prompt_len + batch.completion_mask[rows].sum(1)
+    lengths = batch.prompt_len + batch.attention_mask[rows, batch.prompt_len :].sum(1)
     return loop.rollout_micro_batches(rows, lengths, cfg)
 
 
@@ -385,7 +410,7 @@ def rollout_metrics(scored: ScoredRollout, batch: RolloutBatch, fns: RewardFunct
     ro = scored.rollout
     rewards = dist.all_gather(scored.rewards.float())
     raw = dist.all_gather(scored.raw_rewards)
-    lengths = dist.all_gather(ro.completion_mask.sum(-1).float())
+    lengths = dist.all_gather(ro.sampled_mask.sum(-1).float())
     m: dict[str, float] = {
         "reward": float(rewards.mean()),
         "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
@@ -414,7 +439,23 @@ def rollout_metrics(scored: ScoredRollout, batch: RolloutBatch, fns: RewardFunct
     m["completion_length/max"] = float(lengths.max())
     m["truncation_rate"] = float(dist.all_gather(ro.truncated.float()).mean())
     m["eos_rate"] = 1 - m["truncation_rate"]
+    m.update(episode_metrics(scored.episode_stats))
     return m
+
+
+def episode_metrics(stats: dict[str, Tensor], prefix: str = "") -> dict[str, float]:
+    """Means over the global batch of the per-episode statistics (turns, tool calls and errors, how episodes
+    ended as episode/..., environment reward parts as env/...)."""
+    if not stats:  # a single-turn run (on every process)
+        return {}
+    gathered = dist.all_gather_objects([{k: v.tolist() for k, v in stats.items()}])
+    keys = sorted({k for part in gathered for k in part})
+    out = {}
+    for k in keys:
+        values = [x for part in gathered for x in part.get(k, [0.0] * len(next(iter(part.values()), [])))]
+        name = k if k.startswith("env/") else f"episode/{k}"
+        out[f"{prefix}{name}"] = sum(values) / max(len(values), 1)
+    return out
 
 
 def train(cfg: OnlineConfig, algo: OnlineAlgorithm) -> Path:
@@ -430,15 +471,21 @@ def train(cfg: OnlineConfig, algo: OnlineAlgorithm) -> Path:
             f"prompts_per_step ({cfg.prompts_per_step}) must be divisible by the {dist.world_size()} processes"
         )
     data = load_rows(cfg.train_file)
-    require_columns(data, ["prompt"])
-    check_prompt_lengths(data, tok, cfg.max_prompt_length, cfg.max_completion_length, model)
+    interaction = build_interaction(cfg)
+    if interaction is None:
+        require_columns(data, ["prompt"])
+        check_prompt_lengths(data, tok, cfg.max_prompt_length, cfg.max_completion_length, model)
+    else:
+        warn_positions(interaction, cfg.max_prompt_length, model)
     fns = RewardFunctions(
-        cfg.reward_funcs, cfg.reward_weights, set(data.rows[0]), cfg.train_file, cfg.reward_timeout, cfg.max_steps,
-        required=algo.rewards_required,
+        cfg.reward_funcs or [], cfg.reward_weights, set(data.rows[0]) | set(ENV_COLUMNS if interaction else ()),
+        cfg.train_file, cfg.reward_timeout, cfg.max_steps, required=algo.rewards_required and interaction is None,
     )  # fmt: skip
     for name, fn in algo.extra_rewards():
         fns.add(name, fn)
-    ctx = Context(cfg, run, model, policy, tok, data, fns)
+    if interaction is not None:
+        fns.add(interaction.name, environment_reward)
+    ctx = Context(cfg, run, model, policy, tok, data, fns, interaction=interaction)
     algo.ctx = ctx
     ref_path = algo.reference_model()
     if ref_path is not None and not (is_peft(model) and ref_path == cfg.model):
@@ -450,7 +497,7 @@ def train(cfg: OnlineConfig, algo: OnlineAlgorithm) -> Path:
     stream = checkpoint.ReplayStream(lambda: infinite_batches(len(data), cfg.prompts_per_step, random.Random(cfg.seed)))
     first = run.register(model, tok, optimizer=opt, scheduler=sched, data=stream, **algo.state())
     if first == 1:  # the starting policy, before any update
-        evaluated, eval_samples = evaluate_online(policy, tok, eval_data, eval_fns, cfg, run.device, 0)
+        evaluated, eval_samples = evaluate_online(policy, tok, eval_data, eval_fns, cfg, run.device, 0, interaction)
         if evaluated:
             run.metrics.log(0, evaluated)
             run.metrics.samples(0, eval_samples)
@@ -488,7 +535,9 @@ def log_step(ctx: Context, step: int, metrics: dict, scored: ScoredRollout, eval
     """Reward-function logs, evaluation when due, metrics and sample completions; then end the step (checkpoint)."""
     cfg, run = ctx.cfg, ctx.run
     extras = loop.add_reward_logs(metrics, ctx.reward_fns, len(scored.completions))
-    evaluated, eval_samples = evaluate_online(ctx.policy, ctx.tokenizer, eval_data, eval_fns, cfg, run.device, step)
+    evaluated, eval_samples = evaluate_online(
+        ctx.policy, ctx.tokenizer, eval_data, eval_fns, cfg, run.device, step, ctx.interaction
+    )
     metrics.update(evaluated)
     if step % cfg.logging_steps == 0 or evaluated:
         run.metrics.log(step, metrics)
