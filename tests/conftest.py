@@ -41,3 +41,31 @@ def smollm2() -> str:
         return str(smollm2_dir())
     except AlignRLError as e:  # a missing real model is a gap in the tests, not a reason to skip them
         pytest.fail(str(e), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def turn_taker(tiny_model, tmp_path_factory) -> str:
+    """The tiny model after a short SFT on conversations whose assistant turns are a few random digits: it ends
+    its turns within a few tokens, with varied answers (so multi-turn episodes get several turns and rewards that
+    differ within a group)."""
+    import random
+
+    from alignrl.config import load_config
+    from alignrl.data import write_jsonl
+    from alignrl.trainers import sft
+
+    root = tmp_path_factory.mktemp("turn_taker")
+    rng = random.Random(0)
+    rows = []
+    for _ in range(64):
+        messages = [{"role": "user", "content": f"hi {rng.randint(1, 15)}"}]
+        for _ in range(3):
+            messages += [{"role": "assistant", "content": "".join(rng.choice("57") for _ in range(rng.randint(1, 2)))},
+                         {"role": "user", "content": "go on"}]  # fmt: skip
+        rows.append({"messages": messages[:-1]})
+    write_jsonl(root / "talk.jsonl", rows)
+    cfg = load_config(sft.SFTConfig, None, [
+        f"model={tiny_model}", f"train_file={root / 'talk.jsonl'}", f"output_dir={root / 'sft'}", "batch_size=16",
+        "max_length=64", "learning_rate=3e-3", "max_steps=40", "progress_bar=false", "logging_steps=40",
+    ])  # fmt: skip
+    return str(sft.train(cfg))

@@ -16,6 +16,7 @@ from test_distributed import _run_group, torchrun
 
 from alignrl.cli import main
 from alignrl.data import write_jsonl
+from alignrl.envs import guess
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -28,6 +29,8 @@ def _data(tmp_path: Path, algo: str) -> str:
     elif algo in ("dpo", "rm"):
         rows = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1) + "0"}
                 for a in range(6) for b in range(6)]  # fmt: skip
+    elif algo == "guess":
+        rows = guess.make_rows(16, 0)
     else:
         rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(5) for b in range(5)]
     path = tmp_path / f"{algo}.jsonl"
@@ -60,7 +63,8 @@ def _teacher(model: str, tmp_path: Path) -> str:
 
 
 def _args(algo: str, model: str, tmp_path: Path, out: Path, *extra: str) -> list[str]:
-    common = [f"model={model}", f"train_file={_data(tmp_path, algo)}", f"output_dir={out}", "progress_bar=false",
+    data = _data(tmp_path, "guess" if any(x.startswith("environment=") for x in extra) else algo)  # secret column
+    common = [f"model={model}", f"train_file={data}", f"output_dir={out}", "progress_bar=false",
               "learning_rate=1e-3", "max_steps=1"]  # fmt: skip
     per_algo = {
         "sft": ["batch_size=8", "gradient_accumulation_steps=2", "group_by_length=false"],
@@ -147,6 +151,43 @@ def test_new_online_algorithms_two_ranks_equal_single_process(algo, mode, extra,
     """REINFORCE++ (global whitening), CISPO and distillation (a sharded teacher) on 2 ranks vs 1 process."""
     single, dist = _check_same_update(algo, mode, tiny_model, tmp_path, *extra)
     for key in ("loss", "reward", "advantages/std"):
+        assert dist[-1][key] == pytest.approx(single[-1][key], rel=1e-5, abs=1e-6), key
+
+
+ENV_FILE = """
+from alignrl.envs import Environment, Step
+
+class Talk(Environment):
+    \"\"\"Replies until the third turn; rewards long answers and the digit 5.\"\"\"
+    def reset(self, row):
+        return [{"role": "user", "content": f"hi {row['secret']}"}]
+    def step(self, episode, message):
+        parts = {"length": len(message) / 10, "fives": float(message.count("5"))}
+        if episode.turn == 3:
+            return Step(done=True, rewards={**parts, "success": float(str(episode.row["secret"]) in message)})
+        return Step([{"role": "user", "content": "go on"}], rewards=parts)
+"""
+
+
+def multi_turn(tmp_path: Path) -> tuple[str, ...]:
+    """Options of a multi-turn run on the `Talk` environment (and guess rows)."""
+    (tmp_path / "talk.py").write_text(ENV_FILE)
+    return (f"environment={tmp_path / 'talk.py'}:Talk", *MULTI_TURN)
+
+
+MULTI_TURN = ("max_turns=3", "max_completion_length=4", "max_episode_tokens=90", "max_prompt_length=40",
+              "reward_funcs=[]", "reward_weights=null", "adam_epsilon=1.0", "max_grad_norm=0",
+              "learning_rate=0.1")  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("algo", "mode"), [("grpo", "ddp"), ("ppo", "fsdp")])
+def test_multi_turn_episodes_on_two_ranks_equal_single_process(algo, mode, turn_taker, tmp_path):
+    """Multi-turn episodes (the guess environment: every rank runs its own episodes, environment tokens masked
+    out of the loss; PPO's GAE over the model's tokens only) on 2 ranks vs 1 process."""
+    single, dist = _check_same_update(algo, mode, turn_taker, tmp_path, *multi_turn(tmp_path))
+    assert single[-1]["episode/turns"] > 1  # episodes had several turns
+    for key in ("loss", "reward", "episode/turns", "env/length", "completion_length/mean"):
         assert dist[-1][key] == pytest.approx(single[-1][key], rel=1e-5, abs=1e-6), key
 
 

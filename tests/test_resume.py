@@ -23,6 +23,7 @@ import torch
 from alignrl import checkpoint
 from alignrl.cli import run_training
 from alignrl.data import write_jsonl
+from alignrl.envs import guess
 
 KILLER = """
 import os, signal, sys
@@ -59,11 +60,29 @@ def _data(tmp_path: Path) -> dict[str, Path]:
     ]
     write_jsonl(tmp_path / "rl.jsonl", rl_rows)
     write_jsonl(tmp_path / "pref.jsonl", pref_rows)
-    return {"sft": tmp_path / "sft.jsonl", "rl": tmp_path / "rl.jsonl", "pref": tmp_path / "pref.jsonl"}
+    write_jsonl(tmp_path / "guess.jsonl", guess.make_rows(30, 0))
+    return {k: tmp_path / f"{k}.jsonl" for k in ("sft", "rl", "pref", "guess")}
 
 
-# algo -> (data key, overrides, kill mode, kill step); every case uses save_steps=2 and max_steps=5
+# algo[-variant] -> (data key, overrides, kill mode, kill step); every case uses save_steps=2 and max_steps=5
 CASES = {
+    "grpo-multi_turn": (
+        "guess",
+        [
+            "prompts_per_step=2",
+            "num_generations=3",
+            "max_completion_length=4",
+            "max_turns=3",
+            "max_episode_tokens=80",
+            "environment=guess",
+            "learning_rate=1e-3",
+            "beta=0.04",
+            "eval_file={guess}",
+            "eval_steps=2",
+        ],  # fmt: skip
+        "log",
+        3,
+    ),
     "sft": (
         "sft",
         ["batch_size=8", "learning_rate=3e-3", "eval_fraction=0.1", "eval_steps=2", "lr_scheduler=cosine"],
@@ -120,10 +139,13 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
-@pytest.mark.parametrize("algo", sorted(CASES))
-def test_sigkill_then_resume_matches_uninterrupted(algo, tiny_model, tmp_path, restore_threads):
-    data_key, extra, mode, at = CASES[algo]
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_sigkill_then_resume_matches_uninterrupted(case, request, tmp_path, restore_threads):
+    data_key, extra, mode, at = CASES[case]
+    tiny_model = request.getfixturevalue("turn_taker" if case.endswith("multi_turn") else "tiny_model")
+    algo = case.partition("-")[0]
     data = _data(tmp_path)
+    extra = [x.format(**data) for x in extra]
     common = [
         f"model={tiny_model}",
         f"train_file={data[data_key]}",
@@ -154,6 +176,8 @@ def test_sigkill_then_resume_matches_uninterrupted(algo, tiny_model, tmp_path, r
     resumed, ref = _rows(run_dir / "metrics.jsonl"), _rows(tmp_path / "ref" / "metrics.jsonl")
     assert [r["step"] for r in ref][-5:] == [1, 2, 3, 4, 5]
     assert resumed == ref
+    if case.endswith("multi_turn"):
+        assert max(r.get("episode/turns", 0) for r in ref) > 1.5  # episodes of several turns
     if (tmp_path / "ref" / "samples.jsonl").stat().st_size:
         assert (run_dir / "samples.jsonl").read_text() == (tmp_path / "ref" / "samples.jsonl").read_text()
     assert not list(run_dir.glob(".checkpoint-*"))  # leftovers of the killed save are cleaned up

@@ -8,6 +8,7 @@ import os
 import sys
 
 from alignrl.algorithms import ALGORITHMS
+from alignrl.envs import BUILTIN_ENVS
 from alignrl.errors import AlignRLError
 
 
@@ -68,7 +69,10 @@ def _main(argv: list[str] | None) -> int:
     p_eval = sub.add_parser("eval", help="accuracy of a model on a prompt file with reward functions")
     p_eval.add_argument("--model", required=True, help="HF model directory or .gguf file")
     p_eval.add_argument("--data", required=True, help="JSONL file or datasets directory with a prompt column")
-    p_eval.add_argument("--reward-funcs", required=True, help="comma-separated: built-ins, module:function, file.py:fn")
+    p_eval.add_argument("--reward-funcs", default="", help="comma-separated: built-ins, module:function, file.py:fn")
+    p_eval.add_argument("--environment", help="multi-turn episodes with this environment (built-in or module:Class)")
+    p_eval.add_argument("--tools", default="", help="comma-separated tool functions for the episodes")
+    p_eval.add_argument("--max-turns", type=int, default=0, help="assistant turns per episode (0: the environment's)")
     p_eval.add_argument("--json", help="also write the results as JSON to this file")
     p_eval.add_argument("--max-new-tokens", type=int, default=256)
     p_eval.add_argument("--max-prompt-length", type=int, default=1024)
@@ -82,6 +86,7 @@ def _main(argv: list[str] | None) -> int:
     p_eval.add_argument("--seed", type=int, default=0)
 
     p_demo = sub.add_parser("demo", help="end-to-end demo on a synthetic arithmetic task (CPU, minutes)")
+    p_demo.add_argument("--env", help="the multi-turn demo of a built-in environment: " + ", ".join(BUILTIN_ENVS))
     p_demo.add_argument("--algo", default="grpo", help="RL stage after SFT (default: grpo)")
     p_demo.add_argument("--out", default="demo_out", help="working directory for models, data and runs")
     p_demo.add_argument("--seed", type=int, default=0)
@@ -137,7 +142,12 @@ def _dispatch(args: argparse.Namespace) -> None:
         from alignrl.models import init_model
 
         out = init_model(
-            args.out, args.hidden_size, args.layers, args.heads, args.max_length, seed=args.seed,
+            args.out,
+            args.hidden_size,
+            args.layers,
+            args.heads,
+            args.max_length,
+            seed=args.seed,
             overwrite=args.overwrite,
         )
         print(f"created {out}")
@@ -151,13 +161,19 @@ def _dispatch(args: argparse.Namespace) -> None:
             args.model, args.data, [f.strip() for f in args.reward_funcs.split(",") if f.strip()],
             max_new_tokens=args.max_new_tokens, max_prompt_length=args.max_prompt_length, batch_size=args.batch_size,
             threshold=args.threshold, pass_k=args.pass_k, temperature=args.temperature, limit=args.limit,
-            dtype=args.dtype, device=args.device, seed=args.seed,
+            dtype=args.dtype, device=args.device, seed=args.seed, environment=args.environment,
+            tools=[t.strip() for t in args.tools.split(",") if t.strip()], max_turns=args.max_turns,
         )  # fmt: skip
         print(report(result, args.json))
     elif args.command == "demo":
         from alignrl.demo import run_demo
 
-        run_demo(args.algo, args.out, seed=args.seed, quick=args.quick, model=args.model)
+        if args.env:
+            from alignrl.demo.envs import run_env_demo
+
+            run_env_demo(args.env, args.out, seed=args.seed, quick=args.quick)
+        else:
+            run_demo(args.algo, args.out, seed=args.seed, quick=args.quick, model=args.model)
     elif args.command == "report":
         from alignrl.report import make_report
 

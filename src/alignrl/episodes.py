@@ -23,6 +23,7 @@ from alignrl.envs.tool_env import ToolEnvironment
 from alignrl.envs.tools import load_tools, render_conversation
 from alignrl.errors import AlignRLError
 from alignrl.generation import Rollout, SamplingParams
+from alignrl.rewards import RewardFunctions
 
 DEFAULT_MAX_TURNS = 4
 # what reward functions get besides the dataset columns in a run with an environment
@@ -58,7 +59,8 @@ class Interaction:
 def build_interaction(cfg: Any) -> Interaction | None:
     """The run's Interaction from its `environment`, `tools`, `max_turns` and `max_episode_tokens` options (None:
     single-turn). max_turns 0 takes the environment's own `max_turns` attribute, else DEFAULT_MAX_TURNS;
-    max_episode_tokens 0 means max_turns × max_completion_length."""
+    max_episode_tokens 0 means 2 × max_turns × max_completion_length (as much room for
+    the environment's messages as for the model's turns)."""
     tools = load_tools(cfg.tools) if cfg.tools else []
     if not cfg.environment and not tools:
         return None
@@ -67,13 +69,34 @@ def build_interaction(cfg: Any) -> Interaction | None:
     else:
         name, factory = "tools", lambda: ToolEnvironment()
     turns = cfg.max_turns or int(getattr(factory, "max_turns", 0) or DEFAULT_MAX_TURNS)
-    budget = cfg.max_episode_tokens or turns * cfg.max_completion_length
+    budget = cfg.max_episode_tokens or 2 * turns * cfg.max_completion_length
     return Interaction(name, factory, tools, turns, budget, cfg.tool_timeout)
 
 
 def environment_reward(environment_reward: list[float | None], **kwargs: Any) -> list[float | None]:
     """The reward column of the environment: its reward parts summed over each episode (None: it gave none)."""
     return environment_reward
+
+
+def reward_functions(
+    specs: Sequence[str],
+    weights: Sequence[float] | None,
+    columns: set[str],
+    data_name: str,
+    env_name: str | None,
+    *,
+    timeout: float = 0.0,
+    max_steps: int = 0,
+    required: bool = True,
+) -> RewardFunctions:
+    """The reward functions of a run or an evaluation; with an environment (`env_name`), its reward column last
+    and the environment's columns passed to the others (none of them required then)."""
+    env_columns = set(ENV_COLUMNS) if env_name else set()
+    fns = RewardFunctions(specs, weights, columns | env_columns, data_name, timeout, max_steps,
+                          required=required and not env_name)  # fmt: skip
+    if env_name:
+        fns.add(env_name, environment_reward)
+    return fns
 
 
 def appended_ids(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> list[int]:

@@ -13,6 +13,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -41,6 +42,7 @@ class EvalResult:
     pass_k: int = 0
     pass_at_k: float | None = None
     temperature: float | None = None
+    episodes: dict[str, float] = field(default_factory=dict)  # multi-turn: turns, tool calls, reward parts (means)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -67,8 +69,12 @@ def evaluate_model(
     seed: int = 0,
     model: torch.nn.Module | None = None,
     tokenizer=None,
+    environment: str | None = None,
+    tools: list[str] | None = None,
+    max_turns: int = 0,
 ) -> EvalResult:
-    """Score greedy (and, with pass_k ≥ 1, sampled) completions of every prompt in `data_path`."""
+    """Score greedy (and, with pass_k ≥ 1, sampled) completions of every prompt in `data_path`; with an
+    `environment` or `tools`, each sample is a multi-turn episode (max_new_tokens per assistant turn)."""
     checks = {
         "--max-new-tokens": (max_new_tokens >= 1, "≥ 1"),
         "--max-prompt-length": (max_prompt_length >= 1, "≥ 1"),
@@ -76,6 +82,7 @@ def evaluate_model(
         "--pass-k": (pass_k >= 0, "≥ 0"),
         "--temperature": (temperature > 0, "> 0"),
         "--limit": (limit >= 0, "≥ 0"),
+        "--max-turns": (max_turns >= 0, "≥ 0"),
     }
     for name, (ok, rule) in checks.items():
         if not ok:
@@ -83,20 +90,27 @@ def evaluate_model(
     data = load_rows(data_path)
     if limit:
         data = data.subset(range(min(limit, len(data))))
-    require_columns(data, ["prompt"])
-    fns = RewardFunctions(reward_funcs, None, set(data.rows[0]), data_path, max_steps=1)  # no training: step 0 of 1
+    from alignrl.episodes import build_interaction, reward_functions
+
+    options = SimpleNamespace(environment=environment, tools=tools or [], max_turns=max_turns, max_episode_tokens=0,
+                              max_completion_length=max_new_tokens, tool_timeout=10.0)  # fmt: skip
+    interaction = build_interaction(options)
+    if interaction is None:
+        require_columns(data, ["prompt"])
+    env_name = interaction.name if interaction else None
+    fns = reward_functions(reward_funcs, None, set(data.rows[0]), data_path, env_name, max_steps=1)
     dev = resolve_device(device)
     if model is None:
         model = load_causal_lm(model_path, dtype, dev, "--model").eval()
         tokenizer = load_tokenizer(model_path, "--model")
     sums, _ = eval_sums(model, tokenizer, data, fns, max_new_tokens=max_new_tokens, max_prompt_length=max_prompt_length,
                         batch_size=batch_size, threshold=threshold, pass_k=pass_k, temperature=temperature,
-                        device=dev, seed=seed)  # fmt: skip
+                        device=dev, seed=seed, interaction=interaction)  # fmt: skip
     m = eval_metrics(sums, fns.names, pass_k)
     return EvalResult(
         model=model_path,
         data=data_path,
-        reward_funcs=list(reward_funcs),
+        reward_funcs=list(reward_funcs) + ([env_name] if env_name else []),
         prompts=len(data),
         mean_reward=m["reward"],
         accuracy=m["accuracy"],
@@ -105,6 +119,7 @@ def evaluate_model(
         pass_k=pass_k,
         pass_at_k=m.get(f"pass@{pass_k}"),
         temperature=temperature if pass_k else None,
+        episodes={k: v for k, v in m.items() if k.startswith(("episode/", "env/"))},
     )
 
 
@@ -168,17 +183,11 @@ def eval_set(cfg: Any) -> tuple[Rows | None, RewardFunctions | None]:
         require_columns(data, ["prompt"])
     specs = cfg.eval_reward_funcs or cfg.reward_funcs or []
     weights = None if cfg.eval_reward_funcs else cfg.reward_weights
-    columns = set(data.rows[0])
-    if multi_turn:
-        from alignrl.episodes import ENV_COLUMNS, environment_reward
+    from alignrl.episodes import load_environment, reward_functions
 
-        columns |= set(ENV_COLUMNS)
-    fns = RewardFunctions(specs, weights, columns, cfg.eval_file, cfg.reward_timeout, cfg.max_steps,
-                          required=not multi_turn)  # fmt: skip
-    if multi_turn:
-        from alignrl.episodes import load_environment
-
-        fns.add(load_environment(cfg.environment)[0] if cfg.environment else "tools", environment_reward)
+    env_name = (load_environment(cfg.environment)[0] if cfg.environment else "tools") if multi_turn else None
+    fns = reward_functions(specs, weights, set(data.rows[0]), cfg.eval_file, env_name, timeout=cfg.reward_timeout,
+                           max_steps=cfg.max_steps)  # fmt: skip
     return data, fns
 
 
@@ -240,6 +249,7 @@ def report(result: EvalResult, json_path: str | None = None) -> str:
             ("mean reward (greedy)", f"{result.mean_reward:.4f}"),
             (f"accuracy (greedy, reward ≥ {result.threshold:g})", f"{result.accuracy:.1%}")]  # fmt: skip
     rows += [(f"  {name} (mean)", "n/a" if v is None else f"{v:.4f}") for name, v in result.per_function.items()]
+    rows += [(f"  {name} (mean per episode)", f"{v:.4f}") for name, v in result.episodes.items()]
     if result.pass_at_k is not None:
         rows.append((f"pass@{result.pass_k} (temperature {result.temperature:g})", f"{result.pass_at_k:.1%}"))
     width = max(len(r[0]) for r in rows) + 2

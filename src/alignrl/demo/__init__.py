@@ -107,13 +107,18 @@ def run_demo(
         load_rows(ctx.data("test"))  # the same loader users' data goes through
         rows = stage.run(ctx)
     wall = time.perf_counter() - t0
+    print_table(rows, wall)
+    print(f"\nreport: {write_report(Path(out), 'smollm2' if model == 'smollm2' else algo)}")
+    return rows + [("wall time", f"{wall:.0f}s")]
+
+
+def print_table(rows: list[tuple[str, str]], wall: float) -> None:
+    """A demo's before/after table and its wall time."""
     width = max(len(r[0]) for r in rows) + 2
     print()
     for name, value in rows:
         print(f"  {name:<{width}}{value}")
     print(f"  {'wall time':<{width}}{wall:.0f}s")
-    print(f"\nreport: {write_report(Path(out), 'smollm2' if model == 'smollm2' else algo)}")
-    return rows + [("wall time", f"{wall:.0f}s")]
 
 
 def write_report(root: Path, demo: str) -> Path:

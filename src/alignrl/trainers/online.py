@@ -26,7 +26,7 @@ from alignrl import distributed as dist
 from alignrl.algos.utils import masked_mean, masked_moments, masked_sum
 from alignrl.config import TrainConfig
 from alignrl.data import Rows, infinite_batches, load_rows, require_columns
-from alignrl.episodes import ENV_COLUMNS, Interaction, build_interaction, environment_reward, warn_positions
+from alignrl.episodes import Interaction, build_interaction, reward_functions, warn_positions
 from alignrl.errors import AlignRLError
 from alignrl.evaluation import eval_set, evaluate_online
 from alignrl.generation import SamplingParams
@@ -61,7 +61,7 @@ class OnlineConfig(TrainConfig):
     environment: str | None = None
     tools: list[str] = field(default_factory=list)  # tool functions: python, calculator, module:fn, file.py:fn
     max_turns: int = 0  # assistant turns per episode; 0: the environment's own max_turns, else 4
-    max_episode_tokens: int = 0  # tokens after the first prompt, both kinds; 0: max_turns × max_completion_length
+    max_episode_tokens: int = 0  # tokens after the first prompt, both kinds; 0: 2 × max_turns × max_completion_length
     tool_timeout: float = 10.0  # seconds a tool call may take before it returns a timeout error
 
     MIN_GENERATIONS: ClassVar[int] = 1
@@ -91,7 +91,7 @@ class OnlineConfig(TrainConfig):
         if self.tool_timeout <= 0:
             raise AlignRLError("tool_timeout: must be > 0 seconds")
         if self.multi_turn:
-            episode = self.max_episode_tokens or (self.max_turns or 4) * self.max_completion_length
+            episode = self.max_episode_tokens or 2 * (self.max_turns or 4) * self.max_completion_length
             loop.check_token_budget(self, self.max_prompt_length + episode, "prompt + episode")
         else:
             loop.check_token_budget(self, self.max_prompt_length + self.max_completion_length, "prompt + completion")
@@ -477,14 +477,13 @@ def train(cfg: OnlineConfig, algo: OnlineAlgorithm) -> Path:
         check_prompt_lengths(data, tok, cfg.max_prompt_length, cfg.max_completion_length, model)
     else:
         warn_positions(interaction, cfg.max_prompt_length, model)
-    fns = RewardFunctions(
-        cfg.reward_funcs or [], cfg.reward_weights, set(data.rows[0]) | set(ENV_COLUMNS if interaction else ()),
-        cfg.train_file, cfg.reward_timeout, cfg.max_steps, required=algo.rewards_required and interaction is None,
+    fns = reward_functions(
+        cfg.reward_funcs or [], cfg.reward_weights, set(data.rows[0]), cfg.train_file,
+        interaction.name if interaction else None, timeout=cfg.reward_timeout, max_steps=cfg.max_steps,
+        required=algo.rewards_required,
     )  # fmt: skip
-    for name, fn in algo.extra_rewards():
+    for name, fn in algo.extra_rewards():  # (after the environment's column: its position does not matter)
         fns.add(name, fn)
-    if interaction is not None:
-        fns.add(interaction.name, environment_reward)
     ctx = Context(cfg, run, model, policy, tok, data, fns, interaction=interaction)
     algo.ctx = ctx
     ref_path = algo.reference_model()

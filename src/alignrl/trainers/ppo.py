@@ -70,7 +70,7 @@ class PPOConfig(online.OnlineConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not self.reward_funcs:
+        if not self.reward_funcs and not self.multi_turn:
             raise AlignRLError("reward_funcs: give at least one reward model directory or reward function")
         if self.num_ppo_epochs < 1 or self.num_mini_batches < 1:
             raise AlignRLError("num_ppo_epochs and num_mini_batches: must be ≥ 1")
