@@ -83,16 +83,21 @@ def _run(tok, reply, factory, rows, **kw):
     return eps, engine
 
 
-@pytest.mark.parametrize("template", [None, CHATML], ids=["init-model", "chatml"])
-def test_mask_covers_exactly_the_model_tokens(template):
-    tok = _tokenizer(template)
+@pytest.mark.parametrize("template", [None, CHATML, "smollm2"], ids=["init-model", "chatml", "smollm2"])
+def test_mask_covers_exactly_the_model_tokens(template, request):
+    if template == "smollm2":  # the real ChatML template and BPE tokenizer (<|im_end|> ends a turn)
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(request.getfixturevalue("smollm2"))
+    else:
+        tok = _tokenizer(template)
     eps, engine = _run(tok, lambda text: f"turn{text.count('again')}", Countdown, [{"n": 1}, {"n": 2}])
     ro = eps.rollout
     for b in range(2):
         ids = ro.completion_ids[b][ro.completion_mask[b].bool()].tolist()
         model = ro.completion_ids[b][ro.sampled_mask[b].bool()].tolist()
         # the model's tokens are its three turns, each up to and including EOS
-        assert tok.decode(model, skip_special_tokens=False) == "turn0</s>turn1</s>turn2</s>"
+        assert tok.decode(model, skip_special_tokens=False) == "".join(f"turn{k}{tok.eos_token}" for k in range(3))
         # the others are exactly what the template renders for the environment's two "again" messages
         env = [t for t, a in zip(ids, ro.action_mask[b][ro.completion_mask[b].bool()].tolist()) if not a]
         assert env == 2 * appended_ids(tok, [{"role": "user", "content": "again"}])
@@ -202,7 +207,7 @@ def test_trl_environment_factory_and_tools_run_unchanged():
     eps, engine = _run(tok, _tool_reply(calls), TRLCounter, [{"prompt": "Count.", "start": 0}], tools=[shout])
     first = engine.calls[0]
     assert "Count. Start at 0." in first  # reset's string is appended to the last user message
-    assert '"name": "increment"' in first and '"name": "shout"' in first  # both kinds of tool in the prompt
+    assert "increment(step: integer)" in first and "shout(text: string)" in first  # both kinds of tool in the prompt
     tool_msgs = [m for m in eps.completions[0] if m["role"] == "tool"]
     assert [m["content"] for m in tool_msgs] == ["2", "HI", "5"]
     assert eps.env_rewards[0] == {"TRLCounter": 5.0}  # get_reward at the end, named after the class

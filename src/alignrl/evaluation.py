@@ -96,6 +96,8 @@ def evaluate_model(
                               max_completion_length=max_new_tokens, tool_timeout=10.0)  # fmt: skip
     interaction = build_interaction(options)
     if interaction is None:
+        if not reward_funcs:
+            raise AlignRLError("--reward-funcs: give at least one reward function (or --environment / --tools)")
         require_columns(data, ["prompt"])
     env_name = interaction.name if interaction else None
     fns = reward_functions(reward_funcs, None, set(data.rows[0]), data_path, env_name, max_steps=1)

@@ -26,7 +26,7 @@ class EnvDemo:
     """The sizes and settings of one environment's demo."""
 
     sft_rows: int = 4000
-    sft_steps: int = 300
+    sft_steps: int = 600
     max_length: int = 192  # model positions and SFT sequence length (characters)
     max_prompt_length: int = 48  # the first messages (characters)
     max_completion_length: int = 8  # per assistant turn

@@ -76,18 +76,15 @@ def tool_schema(fn: Callable[..., Any]) -> dict[str, Any]:
 
 
 def tools_system_prompt(tools: Sequence[Callable[..., Any]]) -> str:
-    """A short plain-text tool description, for chat templates that do not render tools themselves."""
+    """A short plain-text tool description (one `name(arg: type, ...): description` line per tool and how to call
+    one), for chat templates that do not render tools themselves."""
     lines = []
     for fn in tools:
-        schema = dict(tool_schema(fn)["function"])
-        schema.pop("return", None)  # the model never writes it: shorter prompts
-        lines.append(json.dumps(schema))  # ensure_ascii: the text stays ASCII
-    return (
-        "You can call these tools:\n"
-        + "\n".join(lines)
-        + '\nTo call one, write <tool_call>{"name": NAME, "arguments": {...}}</tool_call>.'
-        + " Its result comes back in a tool message."
-    )
+        schema = tool_schema(fn)["function"]
+        props = schema.get("parameters", {}).get("properties", {})
+        args = ", ".join(f"{name}: {spec.get('type', 'any')}" for name, spec in props.items())
+        lines.append(f"{schema['name']}({args}): {schema.get('description', '')}".rstrip(": "))
+    return "Tools:\n" + "\n".join(lines) + '\nCall one with <tool_call>{"name": NAME, "arguments": {...}}</tool_call>'
 
 
 def _with_system_text(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
