@@ -180,8 +180,7 @@ MULTI_TURN = ("max_turns=3", "max_completion_length=4", "max_episode_tokens=90",
               "learning_rate=0.1")  # fmt: skip
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("algo", "mode"), [("grpo", "ddp"), ("ppo", "fsdp")])
+@pytest.mark.parametrize(("algo", "mode"), [("grpo", "ddp"), pytest.param("ppo", "fsdp", marks=pytest.mark.slow)])
 def test_multi_turn_episodes_on_two_ranks_equal_single_process(algo, mode, turn_taker, tmp_path):
     """Multi-turn episodes (the guess environment: every rank runs its own episodes, environment tokens masked
     out of the loss; PPO's GAE over the model's tokens only) on 2 ranks vs 1 process."""

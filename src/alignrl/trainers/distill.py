@@ -73,6 +73,7 @@ class Distill(online.OnlineAlgorithm):
     def loss(self, out: online.Forward, mb: online.RolloutBatch, norms: online.Norms) -> tuple[Tensor, dict]:
         cfg, m = self.cfg, mb.loss_mask
         per_tok, st = clipped_policy_loss(out.logp, mb.old_logp, mb.advantages, m, cfg.epsilon_low, cfg.epsilon_high)
+        per_tok = mb.is_weighted(per_tok)
         loss = aggregate_loss(
             per_tok, m, cfg.loss_aggregation, num_tokens=norms.num_tokens, num_seqs=norms.num_seqs,
             max_completion_length=norms.max_completion_length,

@@ -126,6 +126,7 @@ class GRPO(online.OnlineAlgorithm):
             out.logp, mb.old_logp, mb.advantages, m, eps_low=cfg.epsilon_low, eps_high=cfg.epsilon_high,
             importance_sampling=cfg.importance_sampling,
         )  # fmt: skip
+        per_tok = mb.is_weighted(per_tok)
         stats = {f"clip/{k[3:]}": masked_mean(st[k], m) for k in ("is_low_clipped", "is_high_clipped", "is_clipped")}
         if self.kl_in_loss() and mb.ref_logp is not None:
             kl = kl_estimate(out.logp, mb.ref_logp, cfg.kl_estimator)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from alignrl import checkpoint
 from alignrl import distributed as dist
+from alignrl.algos.rollout_correction import ROLLOUT_CORRECTIONS, mismatch_metrics
 from alignrl.algos.utils import masked_mean, masked_moments, masked_sum
 from alignrl.config import TrainConfig
 from alignrl.data import Rows, infinite_batches, load_rows, require_columns
@@ -63,6 +64,10 @@ class OnlineConfig(TrainConfig):
     max_turns: int = 0  # assistant turns per episode; 0: the environment's own max_turns, else 4
     max_episode_tokens: int = 0  # tokens after the first prompt, both kinds; 0: 2 × max_turns × max_completion_length
     tool_timeout: float = 10.0  # seconds a tool call may take before it returns a timeout error
+    # sampler–trainer mismatch: weight each token's policy loss by π_old / π_sampler (algos/rollout_correction.py)
+    rollout_correction: str = "none"  # none, token_truncate, token_mask, sequence_truncate, sequence_mask
+    rollout_correction_min: float | None = None  # c_min of the ratio's range (None: unbounded below)
+    rollout_correction_max: float | None = 3.0  # c_max (None: unbounded above)
 
     MIN_GENERATIONS: ClassVar[int] = 1
 
@@ -90,6 +95,11 @@ class OnlineConfig(TrainConfig):
                 raise AlignRLError(f"{name}: must be ≥ 0 (0: the default)")
         if self.tool_timeout <= 0:
             raise AlignRLError("tool_timeout: must be > 0 seconds")
+        if self.rollout_correction != "none":
+            ROLLOUT_CORRECTIONS.check("rollout_correction", self.rollout_correction)
+        low, high = self.rollout_correction_min, self.rollout_correction_max
+        if (low is not None and low < 0) or (low is not None and high is not None and low > high):
+            raise AlignRLError("rollout_correction_min/max: need 0 ≤ min ≤ max")
         if self.multi_turn:
             episode = self.max_episode_tokens or 2 * (self.max_turns or 4) * self.max_completion_length
             loop.check_token_budget(self, self.max_prompt_length + episode, "prompt + episode")
@@ -142,6 +152,11 @@ class RolloutBatch:
     def token_mean(self, x: Tensor) -> float:
         """Mean of `x` [B, C] over the loss tokens of the whole batch (every process's part)."""
         return float(self.total(masked_sum(x, self.loss_mask)) / self.total(self.loss_mask.sum()).clamp(min=1))
+
+    def is_weighted(self, per_token: Tensor) -> Tensor:
+        """Per-token policy losses times the rollout-correction weight π_old / π_sampler, when the run corrects."""
+        weight = self.extra.get("is_weight")
+        return per_token if weight is None else per_token * weight
 
     def select(self, rows: Tensor) -> RolloutBatch:
         """The micro-batch of `rows` (every per-row tensor indexed; batch-level fields kept)."""
@@ -327,18 +342,42 @@ def micro_batches(batch: RolloutBatch, rows: Tensor, cfg: OnlineConfig) -> list[
     return loop.rollout_micro_batches(rows, lengths, cfg)
 
 
+def pass_logprobs(ctx: Context, batch: RolloutBatch, model: nn.Module, adapter_off: bool = False) -> Tensor:
+    """log-probs of the batch's sampled tokens under `model` (with LoRA and `adapter_off`: the policy with its
+    adapter disabled), without gradients, over the batch's micro-batches."""
+    out = torch.zeros(batch.completion_mask.shape, device=batch.input_ids.device)
+    with torch.no_grad(), loop.autocast(ctx.cfg, ctx.run.device):
+        with adapter_disabled(ctx.model) if adapter_off else contextlib.nullcontext():
+            for sel, w in batch.parts:
+                logp = ctx.logprobs(model, batch.select(sel))[0]
+                if w:
+                    out[sel] = logp
+    return out
+
+
 def reference_pass(ctx: Context, algo: OnlineAlgorithm, batch: RolloutBatch) -> None:
     """batch.ref_logp from the reference (or teacher) model; with LoRA and no separate model, the policy with its
     adapter disabled."""
+    batch.ref_logp = pass_logprobs(ctx, batch, ctx.reference or ctx.policy, adapter_off=ctx.reference is None)
+
+
+def correct_rollout(ctx: Context, batch: RolloutBatch) -> dict[str, float]:
+    """The trainer's own log π_old replaces the sampler's in batch.old_logp (kept as extra["sampler_logp"]), and
+    extra["is_weight"] holds the bounded ratio π_old / π_sampler of cfg.rollout_correction; returns the mismatch
+    metrics over the global batch."""
     cfg = ctx.cfg
-    ref_logp = torch.zeros(batch.completion_mask.shape, device=batch.input_ids.device)
-    with torch.no_grad(), loop.autocast(cfg, ctx.run.device):
-        with adapter_disabled(ctx.model) if ctx.reference is None else contextlib.nullcontext():
-            for sel, w in batch.parts:
-                logp = ctx.logprobs(ctx.reference or ctx.policy, batch.select(sel))[0]
-                if w:
-                    ref_logp[sel] = logp
-    batch.ref_logp = ref_logp
+    sampler = batch.old_logp
+    batch.old_logp = pass_logprobs(ctx, batch, ctx.policy)
+    batch.extra["sampler_logp"] = sampler
+    weight = ROLLOUT_CORRECTIONS[cfg.rollout_correction](
+        batch.old_logp, sampler, batch.loss_mask, cfg.rollout_correction_min, cfg.rollout_correction_max
+    )
+    batch.extra["is_weight"] = weight
+    sums = mismatch_metrics(batch.old_logp, sampler, batch.loss_mask, weight)
+    tokens = max(float(batch.total(batch.loss_mask.sum())), 1.0)
+    out = {f"rollout_correction/{k}": float(batch.total(v)) / tokens for k, v in sums.items() if k != "ratio_max"}
+    out["rollout_correction/ratio_max"] = dist.all_reduce(float(sums["ratio_max"]), "max")
+    return out
 
 
 def update(
@@ -513,6 +552,9 @@ def train(cfg: OnlineConfig, algo: OnlineAlgorithm) -> Path:
             run.end_step(step)
             continue
         batch = build_batch(scored, cfg)
+        if cfg.rollout_correction != "none":
+            with timer("old_logprobs"):
+                metrics.update(correct_rollout(ctx, batch))
         if ref_path is not None:
             with timer("reference"):
                 reference_pass(ctx, algo, batch)

@@ -115,8 +115,10 @@ def ppo_loss(
     mask: torch.Tensor,
     cfg: PPOConfig,
     num_tokens: float | torch.Tensor,
+    is_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(Σ L_pg + vf_coef · Σ L_v) / num_tokens over valid tokens, and detached masked-mean statistics.
+    """(Σ w·L_pg + vf_coef · Σ L_v) / num_tokens over valid tokens (w: the rollout-correction weight, 1 without),
+    and detached masked-mean statistics.
 
     `num_tokens` is the minibatch's valid-token count, so summing the losses of its micro-batches gives the
     minibatch's token-mean loss.
@@ -125,6 +127,8 @@ def ppo_loss(
         logp, old_logp, advantages, mask, cfg.cliprange, cfg.cliprange, dual_clip=cfg.dual_clip
     )
     vl, vclip = clipped_value_loss(values, old_values, returns, mask, cfg.cliprange_value)
+    if is_weight is not None:
+        pg = pg * is_weight
     loss = (masked_sum(pg, mask) + cfg.vf_coef * masked_sum(vl, mask)) / num_tokens
     ratio = st["ratio"]
     stats = {
@@ -217,7 +221,7 @@ class PPO(online.OnlineAlgorithm):
         x = mb.extra
         loss, stats = ppo_loss(
             out.logp, mb.old_logp, out.values, x["old_values"], mb.advantages, x["returns"], mb.loss_mask, self.cfg,
-            norms.num_tokens,
+            norms.num_tokens, x.get("is_weight"),
         )  # fmt: skip
         if self.first is None:  # sanity: nothing has changed yet, so ρ = 1
             self.first = {f"policy/first_minibatch_{k}": float(stats[k]) for k in ("ratio", "approx_kl_k1", "clipfrac")}
