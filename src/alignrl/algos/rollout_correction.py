@@ -49,28 +49,27 @@ def _mask(log_ratio: Tensor, mask: Tensor, c_min: float | None, c_max: float | N
     return torch.where(mask.bool(), weight, torch.zeros_like(weight))
 
 
-@ROLLOUT_CORRECTIONS.register("token_truncate")
-def token_truncate(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor, c_min: float | None, c_max: float | None):
-    """w_t = clip(ρ_t, c_min, c_max) on every valid token."""
-    return _truncate(importance_log_ratio(old_logp, sampler_logp, mask, False), mask, c_min, c_max)
+FORMULAS = {
+    "token_truncate": "w_t = clip(ρ_t, c_min, c_max) on every valid token.",
+    "token_mask": "w_t = ρ_t if c_min ≤ ρ_t ≤ c_max else 0.",
+    "sequence_truncate": "w_t = clip(ρ, c_min, c_max) on every valid token of the sequence, ρ = Π_t ρ_t.",
+    "sequence_mask": "w_t = ρ if c_min ≤ ρ ≤ c_max else 0 (the whole sequence masked), ρ = Π_t ρ_t.",
+}
 
 
-@ROLLOUT_CORRECTIONS.register("token_mask")
-def token_mask(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor, c_min: float | None, c_max: float | None):
-    """w_t = ρ_t if c_min ≤ ρ_t ≤ c_max else 0."""
-    return _mask(importance_log_ratio(old_logp, sampler_logp, mask, False), mask, c_min, c_max)
+def _correction(name: str) -> Correction:
+    """The registered weight function `name` (level_bound), its formula as its docstring."""
+    sequence, bound = name.startswith("sequence"), _truncate if name.endswith("truncate") else _mask
+
+    def weights(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor, c_min: float | None, c_max: float | None):
+        return bound(importance_log_ratio(old_logp, sampler_logp, mask, sequence), mask, c_min, c_max)
+
+    weights.__name__, weights.__doc__ = name, FORMULAS[name]
+    return weights
 
 
-@ROLLOUT_CORRECTIONS.register("sequence_truncate")
-def sequence_truncate(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor, c_min: float | None, c_max: float | None):
-    """w_t = clip(ρ, c_min, c_max) on every valid token of the sequence, ρ = Π_t ρ_t."""
-    return _truncate(importance_log_ratio(old_logp, sampler_logp, mask, True), mask, c_min, c_max)
-
-
-@ROLLOUT_CORRECTIONS.register("sequence_mask")
-def sequence_mask(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor, c_min: float | None, c_max: float | None):
-    """w_t = ρ if c_min ≤ ρ ≤ c_max else 0 (the whole sequence masked), ρ = Π_t ρ_t."""
-    return _mask(importance_log_ratio(old_logp, sampler_logp, mask, True), mask, c_min, c_max)
+for _name in FORMULAS:
+    ROLLOUT_CORRECTIONS.add(_name, _correction(_name))
 
 
 def mismatch_metrics(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor, weights: Tensor) -> dict[str, Tensor]:
