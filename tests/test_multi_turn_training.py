@@ -97,3 +97,8 @@ def test_env_demo_quick(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "held-out success" in out and "a held-out episode, SFT" in out
     assert (tmp_path / "env-guess" / "report.html").is_file()
+
+
+def test_env_demo_names_the_environments_with_a_demo(tmp_path, capsys):
+    assert main(["demo", "--env", "code", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == "alignrl: error: --env: 'code' has no demo (choose from guess)"

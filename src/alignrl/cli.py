@@ -8,7 +8,6 @@ import os
 import sys
 
 from alignrl.algorithms import ALGORITHMS
-from alignrl.envs import BUILTIN_ENVS
 from alignrl.errors import AlignRLError
 
 
@@ -86,7 +85,7 @@ def _main(argv: list[str] | None) -> int:
     p_eval.add_argument("--seed", type=int, default=0)
 
     p_demo = sub.add_parser("demo", help="end-to-end demo on a synthetic arithmetic task (CPU, minutes)")
-    p_demo.add_argument("--env", help="the multi-turn demo of a built-in environment: " + ", ".join(BUILTIN_ENVS))
+    p_demo.add_argument("--env", help="multi-turn demo through a built-in environment: guess (SFT, then GRPO)")
     p_demo.add_argument("--algo", default="grpo", help="RL stage after SFT (default: grpo)")
     p_demo.add_argument("--out", default="demo_out", help="working directory for models, data and runs")
     p_demo.add_argument("--seed", type=int, default=0)

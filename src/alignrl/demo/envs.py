@@ -27,6 +27,8 @@ class EnvDemo:
 
     sft_rows: int = 4000
     sft_steps: int = 600
+    sft_batch_size: int = 64
+    sft_learning_rate: float = 1e-3
     max_length: int = 192  # model positions and SFT sequence length (characters)
     max_prompt_length: int = 48  # the first messages (characters)
     max_completion_length: int = 8  # per assistant turn
@@ -36,15 +38,15 @@ class EnvDemo:
     learning_rate: float = 2e-4
 
 
-SETTINGS = {"guess": EnvDemo(),
-            "calculator": EnvDemo(max_length=768, max_prompt_length=576, max_completion_length=96),
-            "code": EnvDemo(max_length=320, max_prompt_length=96, max_completion_length=40)}  # fmt: skip
+# the environments with a demo (the others are tasks to train on: their scripted data is there, their demo sizes are
+# not tuned: each `code` episode runs the sandbox, ~50 ms an attempt, which alone makes a step ~20 s here)
+SETTINGS = {"guess": EnvDemo()}
 
 
 def env_module(name: str) -> ModuleType:
-    """The module of a built-in environment (its data makers live next to it)."""
-    if name not in BUILTIN_ENVS:
-        raise AlignRLError(f"--env: {name!r} is not a built-in environment (choose from {', '.join(BUILTIN_ENVS)})")
+    """The module of a built-in environment with a demo (its data makers live next to it)."""
+    if name not in SETTINGS:
+        raise AlignRLError(f"--env: {name!r} has no demo (choose from {', '.join(SETTINGS)})")
     return importlib.import_module(BUILTIN_ENVS[name].partition(":")[0])
 
 
@@ -83,11 +85,12 @@ def run_env_demo(name: str, out: str, seed: int = 0, quick: bool = False) -> lis
     write_jsonl(data["test"], module.make_rows(200, seed + 1))
     log(f"creating a tiny model in {root / 'model'}")
     init_model(root / "model", hidden_size=128, num_layers=4, num_heads=4, max_length=settings.max_length,
-               seed=seed, overwrite=True)  # fmt: skip
+               intermediate_size=256, seed=seed, overwrite=True)  # fmt: skip
     log(f"SFT on the scripted policy's {name} conversations")
     sft_cfg = load_config(sft.SFTConfig, None, [
         f"model={root / 'model'}", f"train_file={data['sft']}", f"output_dir={root / 'sft'}", f"seed={seed}",
-        "batch_size=64", f"max_length={settings.max_length}", "learning_rate=1e-3", "warmup_steps=50",
+        f"batch_size={settings.sft_batch_size}", f"max_length={settings.max_length}",
+        f"learning_rate={settings.sft_learning_rate}", "warmup_steps=50",
         "lr_scheduler=cosine", f"max_steps={2 if quick else settings.sft_steps}", "weight_decay=0.01",
         "logging_steps=20", "overwrite_output_dir=true",
     ])  # fmt: skip
