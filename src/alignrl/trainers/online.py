@@ -64,6 +64,9 @@ class OnlineConfig(TrainConfig):
     max_turns: int = 0  # assistant turns per episode; 0: the environment's own max_turns, else 4
     max_episode_tokens: int = 0  # tokens after the first prompt, both kinds; 0: 2 × max_turns × max_completion_length
     tool_timeout: float = 10.0  # seconds a tool call may take before it returns a timeout error
+    # what samples: this library's decoder, or vLLM in this process (the vllm extra; weights pushed every step)
+    rollout_engine: str = "native"  # native or vllm
+    vllm_kv_cache_gib: float | None = None  # vLLM's KV cache (None: its default)
     # sampler–trainer mismatch: weight each token's policy loss by π_old / π_sampler (algos/rollout_correction.py)
     rollout_correction: str = "none"  # none, token_truncate, token_mask, sequence_truncate, sequence_mask
     rollout_correction_min: float | None = None  # c_min of the ratio's range (None: unbounded below)
@@ -95,6 +98,10 @@ class OnlineConfig(TrainConfig):
                 raise AlignRLError(f"{name}: must be ≥ 0 (0: the default)")
         if self.tool_timeout <= 0:
             raise AlignRLError("tool_timeout: must be > 0 seconds")
+        if self.rollout_engine not in ("native", "vllm"):
+            raise AlignRLError(f"rollout_engine: native or vllm, got {self.rollout_engine!r}")
+        if self.rollout_engine == "vllm" and self.lora_r:
+            raise AlignRLError("rollout_engine: vllm with LoRA (lora_r > 0) is not supported yet; use native")
         if self.rollout_correction != "none":
             ROLLOUT_CORRECTIONS.check("rollout_correction", self.rollout_correction)
         low, high = self.rollout_correction_min, self.rollout_correction_max
@@ -271,6 +278,7 @@ class Context:
     reward_fns: RewardFunctions
     reference: nn.Module | None = None
     interaction: Interaction | None = None  # multi-turn episodes
+    inference_engine: Any = None  # the vLLM engine, built at the first sampling (rollout_engine=vllm)
 
     def reference_lm(self) -> nn.Module:
         """The plain reference (or teacher) model inside its wrapper."""
@@ -306,7 +314,23 @@ class Context:
     @contextlib.contextmanager
     def engine(self) -> Iterator[RolloutEngine]:
         """The rollout engine with the policy's current weights (native: the policy itself, its parameters gathered
-        under FSDP; an inference engine would receive the weights here)."""
+        under FSDP; vLLM: built once, then every weight pushed to it)."""
+        if self.cfg.rollout_engine == "vllm":
+            if self.inference_engine is None:
+                from alignrl.engines.vllm_engine import VLLMEngine
+                from alignrl.models import resolve_model_path
+
+                cfg = self.cfg
+                episode = self.interaction.max_episode_tokens if self.interaction else cfg.max_completion_length
+                positions = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
+                self.inference_engine = VLLMEngine(
+                    resolve_model_path(cfg.model), self.tokenizer,
+                    max_model_len=min(cfg.max_prompt_length + episode, positions),
+                    kv_cache_gib=cfg.vllm_kv_cache_gib, device=self.run.device,
+                )  # fmt: skip
+            self.inference_engine.load_weights(self.model.state_dict().items())
+            yield self.inference_engine
+            return
         with dist.full_params(self.policy) as lm:
             yield NativeEngine(lm, self.tokenizer, self.run.device)
 
@@ -500,6 +524,8 @@ def episode_metrics(stats: dict[str, Tensor], prefix: str = "") -> dict[str, flo
 def train(cfg: OnlineConfig, algo: OnlineAlgorithm) -> Path:
     """Run an online algorithm; returns the final model directory."""
     refusal = algo.multi_process_error(cfg.distributed) if dist.env_world_size() > 1 else None
+    if dist.env_world_size() > 1 and cfg.rollout_engine == "vllm":
+        refusal = "rollout_engine: vllm runs in one process for now (use native under torchrun)"
     if refusal:
         raise AlignRLError(refusal)
     run = loop.start_run(cfg)
