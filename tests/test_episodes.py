@@ -102,7 +102,7 @@ def test_mask_covers_exactly_the_model_tokens(template, request):
         env = [t for t, a in zip(ids, ro.action_mask[b][ro.completion_mask[b].bool()].tolist()) if not a]
         assert env == 2 * appended_ids(tok, [{"role": "user", "content": "again"}])
         assert ro.logprobs[b][ro.sampled_mask[b] == 0].abs().sum() == 0  # no log-prob on environment tokens
-    assert eps.stats["turns"].tolist() == [3, 3]
+    assert eps.stats["episode/turns"].tolist() == [3, 3]
     assert eps.env_rewards[0] == {"turn": pytest.approx(0.2), "success": 1.0}
     assert [m["role"] for m in eps.completions[0]] == ["assistant", "user", "assistant", "user", "assistant"]
     # the whole trajectory renders as the template renders the conversation (no drift with a stable template)
@@ -211,8 +211,8 @@ def test_trl_environment_factory_and_tools_run_unchanged():
     tool_msgs = [m for m in eps.completions[0] if m["role"] == "tool"]
     assert [m["content"] for m in tool_msgs] == ["2", "HI", "5"]
     assert eps.env_rewards[0] == {"TRLCounter": 5.0}  # get_reward at the end, named after the class
-    assert eps.stats["tool_calls"].tolist() == [3] and eps.stats["tool_errors"].tolist() == [0]
-    assert eps.stats["turns"].tolist() == [3]
+    assert eps.stats["episode/tool_calls"].tolist() == [3] and eps.stats["episode/tool_errors"].tolist() == [0]
+    assert eps.stats["episode/turns"].tolist() == [3]
 
 
 def test_tool_failures_become_tool_error_messages():
@@ -248,7 +248,7 @@ def test_tool_failures_become_tool_error_messages():
     errors = [json.loads(m["content"])["error"] for m in eps.completions[0] if m["role"] == "tool"]
     assert len(errors) == 4
     assert "malformed" in errors[0] and "nope" in errors[1] and "no good" in errors[2] and "timed out" in errors[3]
-    assert eps.stats["tool_errors"].tolist() == [4] and eps.stats["turns"].tolist() == [5]
+    assert eps.stats["episode/tool_errors"].tolist() == [4] and eps.stats["episode/turns"].tolist() == [5]
 
 
 class Endless(Environment):
@@ -259,11 +259,11 @@ class Endless(Environment):
 def test_an_endless_environment_stops_at_max_turns_and_the_token_budget():
     tok = _tokenizer()
     eps, engine = _run(tok, lambda text: "ok", Endless, [{"prompt": "Go."}], max_turns=4)
-    assert eps.stats["turns"].tolist() == [4] and eps.stats["hit_max_turns"].tolist() == [1.0]
+    assert eps.stats["episode/turns"].tolist() == [4] and eps.stats["episode/hit_max_turns"].tolist() == [1.0]
     assert eps.env_rewards[0] == {"turn": 4.0}  # step is called once per assistant turn, the last one included
     assert eps.completions[0][-1]["role"] == "assistant"  # the last answer's messages are not appended
     eps, _ = _run(tok, lambda text: "ok", Endless, [{"prompt": "Go."}], max_turns=50, budget=60)
-    assert eps.stats["hit_token_budget"].tolist() == [1.0] and eps.rollout.completion_mask.sum() < 60
+    assert eps.stats["episode/hit_token_budget"].tolist() == [1.0] and eps.rollout.completion_mask.sum() < 60
 
 
 def test_environment_errors_are_one_line_naming_it():

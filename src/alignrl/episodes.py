@@ -69,8 +69,13 @@ def build_interaction(cfg: Any) -> Interaction | None:
     else:
         name, factory = "tools", lambda: ToolEnvironment()
     turns = cfg.max_turns or int(getattr(factory, "max_turns", 0) or DEFAULT_MAX_TURNS)
-    budget = cfg.max_episode_tokens or 2 * turns * cfg.max_completion_length
-    return Interaction(name, factory, tools, turns, budget, cfg.tool_timeout)
+    return Interaction(name, factory, tools, turns, episode_budget(cfg, turns), cfg.tool_timeout)
+
+
+def episode_budget(cfg: Any, turns: int) -> int:
+    """max_episode_tokens, or by default 2 × turns × max_completion_length (as much room for the environment's
+    messages as for the model's turns)."""
+    return cfg.max_episode_tokens or 2 * turns * cfg.max_completion_length
 
 
 def environment_reward(environment_reward: list[float | None], **kwargs: Any) -> list[float | None]:
@@ -265,14 +270,14 @@ def _rollout(runs: list[_Run], pad_id: int, device: torch.device | str) -> Rollo
 
 
 def _stats(runs: list[_Run]) -> dict[str, torch.Tensor]:
-    """Per-episode metrics (reward parts absent from an episode count as 0)."""
+    """Per-episode metrics under their logged names (reward parts absent from an episode count as 0)."""
     parts = sorted({k for r in runs for k in r.rewards})
     out = {
-        "turns": [r.episode.turn for r in runs],
-        "tool_calls": [r.tool_calls for r in runs],
-        "tool_errors": [r.tool_errors for r in runs],
-        "hit_max_turns": [r.ended == "max_turns" for r in runs],
-        "hit_token_budget": [r.ended == "token_budget" for r in runs],
+        "episode/turns": [r.episode.turn for r in runs],
+        "episode/tool_calls": [r.tool_calls for r in runs],
+        "episode/tool_errors": [r.tool_errors for r in runs],
+        "episode/hit_max_turns": [r.ended == "max_turns" for r in runs],
+        "episode/hit_token_budget": [r.ended == "token_budget" for r in runs],
         **{f"env/{p}": [r.rewards.get(p, 0.0) for r in runs] for p in parts},
     }
     return {k: torch.tensor(v, dtype=torch.float32) for k, v in out.items()}

@@ -159,7 +159,7 @@ def eval_sums(
         sums[f"rewards/{name}/sum"] = float(greedy.raw[applies, j].sum())
         sums[f"rewards/{name}/count"] = float(applies.sum())
     for key, values in greedy.episode_stats.items():  # multi-turn: means over episodes, as in training
-        sums[f"{key if key.startswith('env/') else 'episode/' + key}/sum"] = float(values.sum())
+        sums[f"{key}/sum"] = float(values.sum())
     if pass_k >= 1:
         sampled = score_rows(model, tokenizer, data.rows, fns, SamplingParams(max_new_tokens, temperature),
                              repeats=pass_k, batch_size=batch_size, max_prompt_length=max_prompt_length,
@@ -174,20 +174,18 @@ def eval_sums(
     return sums, samples
 
 
-def eval_set(cfg: Any) -> tuple[Rows | None, RewardFunctions | None]:
+def eval_set(cfg: Any, env_name: str | None = None) -> tuple[Rows | None, RewardFunctions | None]:
     """An online trainer's held-out set (eval_file) and the reward functions it is scored with (eval_reward_funcs,
     else reward_funcs with their weights), checked against its columns before training."""
     if not cfg.eval_file:
         return None, None
     data = load_rows(cfg.eval_file)
-    multi_turn = getattr(cfg, "multi_turn", False)
-    if not multi_turn:
+    if env_name is None:
         require_columns(data, ["prompt"])
     specs = cfg.eval_reward_funcs or cfg.reward_funcs or []
     weights = None if cfg.eval_reward_funcs else cfg.reward_weights
-    from alignrl.episodes import load_environment, reward_functions
+    from alignrl.episodes import reward_functions
 
-    env_name = (load_environment(cfg.environment)[0] if cfg.environment else "tools") if multi_turn else None
     fns = reward_functions(specs, weights, set(data.rows[0]), cfg.eval_file, env_name, timeout=cfg.reward_timeout,
                            max_steps=cfg.max_steps)  # fmt: skip
     return data, fns

@@ -114,10 +114,11 @@ def _pad_columns(t: torch.Tensor, width: int, value: float, left: bool) -> torch
     return torch.cat([pad, t] if left else [t, pad], dim=1)
 
 
-def merge_episode_stats(parts: Sequence[ScoredRollout]) -> dict[str, torch.Tensor]:
-    """The episode statistics of several scored rollouts, in order (a reward part one lacks counts as 0)."""
-    keys = sorted({k for p in parts for k in p.episode_stats})
-    return {k: torch.cat([p.episode_stats.get(k, torch.zeros(len(p.rewards))) for p in parts]) for k in keys}
+def merge_episode_stats(parts: Sequence[tuple[dict[str, torch.Tensor], int]]) -> dict[str, torch.Tensor]:
+    """Episode statistics of several batches ((statistics, episodes) each), in order (a reward part one batch
+    lacks counts as 0 there)."""
+    keys = sorted({k for stats, _ in parts for k in stats})
+    return {k: torch.cat([stats.get(k, torch.zeros(n)) for stats, n in parts]) for k in keys}
 
 
 def concat_rollouts(parts: Sequence[ScoredRollout], pad_id: int) -> ScoredRollout:
@@ -137,7 +138,7 @@ def concat_rollouts(parts: Sequence[ScoredRollout], pad_id: int) -> ScoredRollou
         torch.cat([p.rollout.truncated for p in parts]),
         None if parts[0].rollout.action_mask is None else cat("action_mask", C, 0, False),
     )
-    stats = merge_episode_stats(parts)
+    stats = merge_episode_stats([(p.episode_stats, len(p.rewards)) for p in parts])
     return ScoredRollout(
         rollout,
         [x for p in parts for x in p.prompts],
@@ -286,7 +287,7 @@ def score_rows(
         lengths.append(scored.rollout.sampled_mask.sum(1).cpu())
         prompts += scored.prompts
         completions += scored.completions
-        stats.append(scored)
+        stats.append((scored.episode_stats, len(scored.rewards)))
     if not rewards:
         return RowScores(torch.zeros(0), torch.zeros(0, len(reward_fns.names)), torch.zeros(0, dtype=torch.long), [])
     return RowScores(

@@ -27,7 +27,14 @@ from alignrl.algos.rollout_correction import ROLLOUT_CORRECTIONS, mismatch_metri
 from alignrl.algos.utils import masked_mean, masked_moments, masked_sum
 from alignrl.config import TrainConfig
 from alignrl.data import Rows, infinite_batches, load_rows, require_columns
-from alignrl.episodes import Interaction, build_interaction, reward_functions, warn_positions
+from alignrl.episodes import (
+    DEFAULT_MAX_TURNS,
+    Interaction,
+    build_interaction,
+    episode_budget,
+    reward_functions,
+    warn_positions,
+)
 from alignrl.errors import AlignRLError
 from alignrl.evaluation import eval_set, evaluate_online
 from alignrl.generation import SamplingParams
@@ -108,7 +115,7 @@ class OnlineConfig(TrainConfig):
         if (low is not None and low < 0) or (low is not None and high is not None and low > high):
             raise AlignRLError("rollout_correction_min/max: need 0 ≤ min ≤ max")
         if self.multi_turn:
-            episode = self.max_episode_tokens or 2 * (self.max_turns or 4) * self.max_completion_length
+            episode = episode_budget(self, self.max_turns or DEFAULT_MAX_TURNS)
             loop.check_token_budget(self, self.max_prompt_length + episode, "prompt + episode")
         else:
             loop.check_token_budget(self, self.max_prompt_length + self.max_completion_length, "prompt + completion")
@@ -386,13 +393,12 @@ def reference_pass(ctx: Context, algo: OnlineAlgorithm, batch: RolloutBatch) -> 
 
 
 def correct_rollout(ctx: Context, batch: RolloutBatch) -> dict[str, float]:
-    """The trainer's own log π_old replaces the sampler's in batch.old_logp (kept as extra["sampler_logp"]), and
-    extra["is_weight"] holds the bounded ratio π_old / π_sampler of cfg.rollout_correction; returns the mismatch
-    metrics over the global batch."""
+    """The trainer's own log π_old replaces the sampler's in batch.old_logp, and extra["is_weight"] holds the
+    bounded ratio π_old / π_sampler of cfg.rollout_correction; returns the mismatch metrics over the global
+    batch."""
     cfg = ctx.cfg
     sampler = batch.old_logp
     batch.old_logp = pass_logprobs(ctx, batch, ctx.policy)
-    batch.extra["sampler_logp"] = sampler
     weight = ROLLOUT_CORRECTIONS[cfg.rollout_correction](
         batch.old_logp, sampler, batch.loss_mask, cfg.rollout_correction_min, cfg.rollout_correction_max
     )
@@ -506,7 +512,7 @@ def rollout_metrics(scored: ScoredRollout, batch: RolloutBatch, fns: RewardFunct
     return m
 
 
-def episode_metrics(stats: dict[str, Tensor], prefix: str = "") -> dict[str, float]:
+def episode_metrics(stats: dict[str, Tensor]) -> dict[str, float]:
     """Means over the global batch of the per-episode statistics (turns, tool calls and errors, how episodes
     ended as episode/..., environment reward parts as env/...)."""
     if not stats:  # a single-turn run (on every process)
@@ -516,8 +522,7 @@ def episode_metrics(stats: dict[str, Tensor], prefix: str = "") -> dict[str, flo
     out = {}
     for k in keys:
         values = [x for part in gathered for x in part.get(k, [0.0] * len(next(iter(part.values()), [])))]
-        name = k if k.startswith("env/") else f"episode/{k}"
-        out[f"{prefix}{name}"] = sum(values) / max(len(values), 1)
+        out[k] = sum(values) / max(len(values), 1)
     return out
 
 
@@ -555,7 +560,7 @@ def train(cfg: OnlineConfig, algo: OnlineAlgorithm) -> Path:
     if ref_path is not None and not (is_peft(model) and ref_path == cfg.model):
         ctx.reference = loop.load_reference(run, ref_path, "model" if ref_path == cfg.model else "teacher_model")
     algo.setup()
-    eval_data, eval_fns = eval_set(cfg)
+    eval_data, eval_fns = eval_set(cfg, interaction.name if interaction else None)
     opt = loop.build_optimizer(algo.trainable(), cfg)  # after wrapping, before any forward (FSDP)
     sched = loop.build_scheduler(opt, cfg, cfg.max_steps * algo.epochs * algo.minibatches)
     stream = checkpoint.ReplayStream(lambda: infinite_batches(len(data), cfg.prompts_per_step, random.Random(cfg.seed)))
