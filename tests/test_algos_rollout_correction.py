@@ -157,11 +157,14 @@ def test_a_mismatched_sampler_is_masked_or_truncated(tiny_model, tmp_path, monke
 @pytest.mark.parametrize(
     ("option", "message"),
     [("rollout_correction=token", "rollout_correction: unknown rollout correction 'token'"),
-     ("rollout_correction_min=4", "rollout_correction_min/max: need 0 ≤ min ≤ max")],  # fmt: skip
+     ("rollout_correction_min=4", "rollout_correction_min/max: need 0 ≤ min ≤ max"),
+     ("rollout_engine=sglang", "rollout_engine: native or vllm, got 'sglang'"),
+     ("vllm_kv_cache_gib=0", "vllm_kv_cache_gib: must be > 0"),
+     ("rollout_engine=vllm lora_r=8", "rollout_engine: vllm with LoRA")],  # fmt: skip
 )
 def test_bad_rollout_correction_options_are_one_line(option, message, tiny_model, tmp_path, capsys):
     from alignrl.cli import main
 
-    assert main(["train", "grpo", f"model={tiny_model}", "train_file=x.jsonl", option]) == 2
+    assert main(["train", "grpo", f"model={tiny_model}", "train_file=x.jsonl", *option.split()]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"alignrl: error: {message}") and "\n" not in err

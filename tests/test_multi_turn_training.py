@@ -81,6 +81,7 @@ def test_eval_with_an_environment(turn_taker, tmp_path, capsys):
         ("tools=[nope]", "tools: 'nope' is not a built-in (python, calculator)"),
         ("tool_timeout=0", "tool_timeout: must be > 0 seconds"),
         ("max_turns=-1", "max_turns: must be ≥ 0"),
+        ("max_episode_tokens=-1", "max_episode_tokens: must be ≥ 0"),
     ],
 )
 def test_bad_multi_turn_options_are_one_line(option, message, tiny_model, tmp_path, capsys):

@@ -107,6 +107,8 @@ class OnlineConfig(TrainConfig):
             raise AlignRLError("tool_timeout: must be > 0 seconds")
         if self.rollout_engine not in ("native", "vllm"):
             raise AlignRLError(f"rollout_engine: native or vllm, got {self.rollout_engine!r}")
+        if self.vllm_kv_cache_gib is not None and self.vllm_kv_cache_gib <= 0:
+            raise AlignRLError("vllm_kv_cache_gib: must be > 0 (or null: vLLM's default)")
         if self.rollout_engine == "vllm" and self.lora_r:
             raise AlignRLError("rollout_engine: vllm with LoRA (lora_r > 0) is not supported yet; use native")
         if self.rollout_correction != "none":
