@@ -220,10 +220,10 @@ def test_greedy_generation_with_lora_equals_transformers_generate(smollm2, real,
     tok, _, _, ids, mask = real
     lora = apply_lora(load_causal_lm(smollm2), r=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj", "down_proj"])
     gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # a non-zero adapter, so that it shows in the tokens
+    with torch.no_grad():  # a non-zero adapter (A too: peft draws it from the global RNG), seeded
         for name, p in lora.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.05 if "lora_B" in name else p.shape[1] ** -0.5))
     lora.eval()
     expected = _hf_greedy(lora, tok, ids, mask)
     _check_greedy(lora, tok, ids, mask, True, monkeypatch, expected)

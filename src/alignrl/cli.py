@@ -1,5 +1,5 @@
 """Command line: `alignrl init-model`, `alignrl train ALGO --config FILE [key=value ...]`, `alignrl eval`,
-`alignrl demo`, `alignrl report`."""
+`alignrl demo`, `alignrl report`, `alignrl vllm-serve MODEL`."""
 
 from __future__ import annotations
 
@@ -83,6 +83,8 @@ def _main(argv: list[str] | None) -> int:
     p_eval.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p_eval.add_argument("--device", default="auto")
     p_eval.add_argument("--seed", type=int, default=0)
+    p_eval.add_argument("--rollout-engine", default="native", choices=["native", "vllm"], help="what samples")
+    p_eval.add_argument("--vllm-kv-cache-gib", type=float, help="vLLM's KV cache in GiB (default: vLLM's)")
 
     p_demo = sub.add_parser("demo", help="end-to-end demo on a synthetic arithmetic task (CPU, minutes)")
     p_demo.add_argument("--env", help="multi-turn demo through a built-in environment: guess (SFT, then GRPO)")
@@ -98,6 +100,14 @@ def _main(argv: list[str] | None) -> int:
     p_report.add_argument("--title", help="page title (default: the runs' names)")
     p_report.add_argument("--force", action="store_true", help="replace --out even if it is not an alignrl report")
 
+    p_serve = sub.add_parser("vllm-serve", help="serve rollouts with vLLM over HTTP (rollout_engine=vllm_server)")
+    p_serve.add_argument("model", metavar="MODEL", help="HF model directory or .gguf file")
+    p_serve.add_argument("--host", default="127.0.0.1")
+    p_serve.add_argument("--port", type=int, default=8000)
+    p_serve.add_argument("--max-model-len", type=int, help="prompt + completion tokens (default: the model's)")
+    p_serve.add_argument("--kv-cache-gib", type=float, help="KV cache size in GiB (CPU; default: vLLM's)")
+    p_serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
     # key=value overrides may come before or after --config: collect the ones argparse left over
     args, extra = parser.parse_known_args(argv)
     stray = [a for a in extra if args.command != "train" or a.startswith("-") or "=" not in a]
@@ -108,6 +118,8 @@ def _main(argv: list[str] | None) -> int:
     if args.command == "report":  # no torch or transformers needed
         return _one_line_errors(_dispatch, args)
     _quiet_transformers()
+    if args.command == "vllm-serve":  # no training step to stop at: SIGINT/SIGTERM stop the server at once
+        return _one_line_errors(_dispatch, args)
     from alignrl.checkpoint import TrainingStopped, stop_on_signals
 
     def dispatch_until_stopped(args: argparse.Namespace) -> None:
@@ -162,6 +174,7 @@ def _dispatch(args: argparse.Namespace) -> None:
             threshold=args.threshold, pass_k=args.pass_k, temperature=args.temperature, limit=args.limit,
             dtype=args.dtype, device=args.device, seed=args.seed, environment=args.environment,
             tools=[t.strip() for t in args.tools.split(",") if t.strip()], max_turns=args.max_turns,
+            rollout_engine=args.rollout_engine, vllm_kv_cache_gib=args.vllm_kv_cache_gib,
         )  # fmt: skip
         print(report(result, args.json))
     elif args.command == "demo":
@@ -177,6 +190,10 @@ def _dispatch(args: argparse.Namespace) -> None:
         from alignrl.report import make_report
 
         print(make_report(args.run_dirs, args.out, force=args.force, title=args.title))
+    elif args.command == "vllm-serve":
+        from alignrl.engines.vllm_server import serve
+
+        serve(args.model, args.host, args.port, args.max_model_len, args.kv_cache_gib, args.dtype)
 
 
 if __name__ == "__main__":

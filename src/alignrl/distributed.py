@@ -310,14 +310,18 @@ def is_fsdp(model: nn.Module) -> bool:
     return is_dist() and bool(_fsdp_modules(model))
 
 
-def full_state_dict(policy: nn.Module) -> dict[str, torch.Tensor]:
-    """The inner model's full (unsharded) state dict on CPU, on rank 0 (other ranks get {}); every rank must call."""
+def full_state_dict(policy: nn.Module, everywhere: bool = False) -> dict[str, torch.Tensor]:
+    """The inner model's full (unsharded) state dict on rank 0 on CPU (other ranks get {}), or with `everywhere`
+    on every rank on its device; every rank must call."""
     model = inner(policy)
     if not _fsdp_modules(policy):
+        if everywhere:
+            return {k: v.detach() for k, v in model.state_dict().items()}
         return {k: v.detach().cpu() for k, v in model.state_dict().items()} if is_main() else {}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=not everywhere)
+    sd = get_model_state_dict(policy, options=options)
     if not isinstance(getattr(policy, "module", policy), ForwardFn):
         return sd
     return {k.removeprefix("lm."): v for k, v in sd.items()}

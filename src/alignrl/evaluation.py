@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,9 +24,9 @@ from alignrl import distributed as dist
 from alignrl.data import Rows, load_rows, require_columns
 from alignrl.errors import AlignRLError
 from alignrl.generation import SamplingParams
-from alignrl.models import load_causal_lm, load_tokenizer, resolve_device
+from alignrl.models import check_model_dir, load_causal_lm, load_tokenizer, resolve_device, resolve_model_path
 from alignrl.rewards import RewardFunctions
-from alignrl.rollout import score_rows
+from alignrl.rollout import NativeEngine, RolloutEngine, score_rows
 
 
 @dataclass
@@ -72,9 +74,12 @@ def evaluate_model(
     environment: str | None = None,
     tools: list[str] | None = None,
     max_turns: int = 0,
+    rollout_engine: str = "native",
+    vllm_kv_cache_gib: float | None = None,
 ) -> EvalResult:
     """Score greedy (and, with pass_k ≥ 1, sampled) completions of every prompt in `data_path`; with an
-    `environment` or `tools`, each sample is a multi-turn episode (max_new_tokens per assistant turn)."""
+    `environment` or `tools`, each sample is a multi-turn episode (max_new_tokens per assistant turn). The
+    completions come from `rollout_engine`: alignrl's decoder (native) or vLLM in this process (vllm)."""
     checks = {
         "--max-new-tokens": (max_new_tokens >= 1, "≥ 1"),
         "--max-prompt-length": (max_prompt_length >= 1, "≥ 1"),
@@ -83,6 +88,7 @@ def evaluate_model(
         "--temperature": (temperature > 0, "> 0"),
         "--limit": (limit >= 0, "≥ 0"),
         "--max-turns": (max_turns >= 0, "≥ 0"),
+        "--rollout-engine": (rollout_engine in ("native", "vllm"), "native or vllm"),
     }
     for name, (ok, rule) in checks.items():
         if not ok:
@@ -102,12 +108,27 @@ def evaluate_model(
     env_name = interaction.name if interaction else None
     fns = reward_functions(reward_funcs, None, set(data.rows[0]), data_path, env_name, max_steps=1)
     dev = resolve_device(device)
-    if model is None:
-        model = load_causal_lm(model_path, dtype, dev, "--model").eval()
-        tokenizer = load_tokenizer(model_path, "--model")
-    sums, _ = eval_sums(model, tokenizer, data, fns, max_new_tokens=max_new_tokens, max_prompt_length=max_prompt_length,
-                        batch_size=batch_size, threshold=threshold, pass_k=pass_k, temperature=temperature,
-                        device=dev, seed=seed, interaction=interaction)  # fmt: skip
+    engine: RolloutEngine
+    if rollout_engine == "vllm":
+        from alignrl.engines.vllm_engine import VLLMEngine
+
+        check_model_dir(model_path, "--model")
+        tokenizer = tokenizer or load_tokenizer(model_path, "--model")
+        engine = VLLMEngine(resolve_model_path(model_path, "--model"), tokenizer, dtype=dtype,
+                            kv_cache_gib=vllm_kv_cache_gib, device=dev)  # fmt: skip
+    else:
+        if model is None:
+            model = load_causal_lm(model_path, dtype, dev, "--model").eval()
+        tokenizer = tokenizer or load_tokenizer(model_path, "--model")
+        engine = NativeEngine(model, tokenizer, dev)
+    try:
+        sums, _ = eval_sums(engine, tokenizer, data, fns, max_new_tokens=max_new_tokens,
+                            max_prompt_length=max_prompt_length, batch_size=batch_size, threshold=threshold,
+                            pass_k=pass_k, temperature=temperature, device=dev, seed=seed,
+                            interaction=interaction)  # fmt: skip
+    finally:
+        if rollout_engine == "vllm":
+            engine.close()  # type: ignore[attr-defined]
     m = eval_metrics(sums, fns.names, pass_k)
     return EvalResult(
         model=model_path,
@@ -126,7 +147,7 @@ def evaluate_model(
 
 
 def eval_sums(
-    model: torch.nn.Module,
+    engine: RolloutEngine,
     tokenizer,
     data: Rows,
     fns: RewardFunctions,
@@ -145,7 +166,7 @@ def eval_sums(
     """Sums over the prompts of `data` (a process's share, added over processes by the caller; `first_index` is
     the share's start in the whole set) and the greedy completions as sample rows."""
     wheres = [data.where(i) for i in range(len(data))]
-    greedy = score_rows(model, tokenizer, data.rows, fns, SamplingParams(max_new_tokens, 0.0), batch_size=batch_size,
+    greedy = score_rows(engine, tokenizer, data.rows, fns, SamplingParams(max_new_tokens, 0.0), batch_size=batch_size,
                         max_prompt_length=max_prompt_length, device=device, seed=seed, wheres=wheres,
                         first_index=first_index, interaction=interaction)  # fmt: skip
     sums = {
@@ -161,7 +182,7 @@ def eval_sums(
     for key, values in greedy.episode_stats.items():  # multi-turn: means over episodes, as in training
         sums[f"{key}/sum"] = float(values.sum())
     if pass_k >= 1:
-        sampled = score_rows(model, tokenizer, data.rows, fns, SamplingParams(max_new_tokens, temperature),
+        sampled = score_rows(engine, tokenizer, data.rows, fns, SamplingParams(max_new_tokens, temperature),
                              repeats=pass_k, batch_size=batch_size, max_prompt_length=max_prompt_length,
                              device=device, seed=seed, wheres=wheres, first_index=first_index,
                              interaction=interaction)  # fmt: skip
@@ -192,7 +213,7 @@ def eval_set(cfg: Any, env_name: str | None = None) -> tuple[Rows | None, Reward
 
 
 def evaluate_online(
-    policy: torch.nn.Module,
+    engine: Callable[[], AbstractContextManager[RolloutEngine]],
     tokenizer,
     data: Rows | None,
     fns: RewardFunctions | None,
@@ -202,17 +223,17 @@ def evaluate_online(
     interaction: Any = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Held-out evaluation inside an online trainer (GRPO, PPO), when one is due (an eval_file, and step 0, every
-    eval_steps or the last step; else nothing): every rank scores its share of `data` with the policy's full
-    weights; returns the `eval/...` metrics (what `alignrl eval` gives on the same model and file, with
-    max_new_tokens = max_completion_length, pass@k at the sampling temperature) and every greedy completion as a
-    sample row."""
+    eval_steps or the last step; else nothing): every rank scores its share of `data` through the trainer's
+    rollout engine (`engine()`, with the policy's current weights); returns the `eval/...` metrics (what
+    `alignrl eval` gives on the same model and file, with max_new_tokens = max_completion_length, pass@k at the
+    sampling temperature) and every greedy completion as a sample row."""
     due = step == 0 or (cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps
     if data is None or fns is None or not due:
         return {}, []
     a, b = dist.shard_bounds(len(data))
-    with dist.full_params(policy) as model:
+    with engine() as sampler:
         sums, samples = eval_sums(
-            model, tokenizer, data.subset(range(a, b)), fns, max_new_tokens=cfg.max_completion_length,
+            sampler, tokenizer, data.subset(range(a, b)), fns, max_new_tokens=cfg.max_completion_length,
             max_prompt_length=cfg.max_prompt_length, pass_k=cfg.eval_pass_k, temperature=cfg.temperature,
             device=device, seed=cfg.seed, first_index=a, interaction=interaction,
         )  # fmt: skip

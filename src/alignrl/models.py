@@ -8,6 +8,7 @@ import errno
 import functools
 import hashlib
 import os
+import re
 import shutil
 import struct
 import sys
@@ -309,6 +310,42 @@ def unwrap(model: nn.Module) -> PreTrainedModel:
     return inner  # type: ignore[return-value]
 
 
+def merged_weights(
+    model: nn.Module, state: dict[str, torch.Tensor] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's weights under its checkpoint's names, each LoRA linear's as W + s·B·A (peft's merge, for the
+    active adapters), without changing the model. `state`: the model's full state dict when its parameters are
+    sharded (FSDP), else the model's own."""
+    wrapped = getattr(model, "module", model)
+    if not is_peft(wrapped):
+        yield from (state if state is not None else unwrap(model).state_dict()).items()
+        return
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+
+    base = unwrap(model)
+    if state is None:
+        state = base.state_dict()
+    else:
+        state = {k.removeprefix("base_model.model."): v for k, v in state.items()}
+    deltas: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, module in base.named_modules():
+            if not isinstance(module, LoraLayer) or module.merged or module.disable_adapters:
+                continue
+            for a in (a for a in module.active_adapters if a in module.lora_A):
+                if not isinstance(module, LoraLinear) or module.use_dora[a] or module.fan_in_fan_out:
+                    raise AlignRLError(f"{name}: only plain LoRA on linear layers can be merged for the rollout engine")
+                B, A = state[f"{name}.lora_B.{a}.weight"], state[f"{name}.lora_A.{a}.weight"]
+                delta = (B @ A) * module.scaling[a]
+                deltas[f"{name}.weight"] = deltas[f"{name}.weight"] + delta if f"{name}.weight" in deltas else delta
+        for key, value in state.items():
+            if "lora_" in key or ".original_module." in key:
+                continue
+            key = re.sub(r"\.modules_to_save\.[^.]+\.", ".", key.replace(".base_layer.", "."))
+            yield key, value + deltas[key].to(value.dtype) if key in deltas else value
+
+
 def _fsync(path: Path) -> None:
     """Flush a file, or a directory's entries, to disk (some filesystems cannot fsync a directory: skipped)."""
     with contextlib.suppress(OSError) if path.is_dir() else contextlib.nullcontext():
@@ -398,13 +435,10 @@ def write_pretrained(
 ) -> None:
     """Write model and tokenizer into an existing directory (`save_pretrained`, safetensors). The weights are
     `state_dict` when given (full weights in the model's own keys, e.g. gathered from FSDP shards), else the
-    model's own, with LoRA adapters merged into a copy (the training model is left as it is)."""
-    inner = getattr(model, "module", model)
-    if state_dict is None and is_peft(inner):
-        import copy
-
-        inner = copy.deepcopy(inner).merge_and_unload()  # type: ignore[operator]
-    inner.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)  # type: ignore[union-attr]
+    model's own, with LoRA adapters merged (`merged_weights`: the training model is left as it is)."""
+    if state_dict is None and is_peft(getattr(model, "module", model)):
+        state_dict = dict(merged_weights(model))
+    unwrap(model).save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
 

@@ -252,7 +252,7 @@ class RowScores:
 
 
 def score_rows(
-    model: nn.Module,
+    engine: RolloutEngine,
     tokenizer: PreTrainedTokenizerBase,
     rows: Sequence[dict[str, Any]],
     reward_fns: RewardFunctions,
@@ -277,7 +277,7 @@ def score_rows(
         idx = range(s, min(s + per_batch, len(rows)))
         where = [wheres[i] if wheres else f"row {i + 1}" for i in idx]
         scored = sample_and_score(
-            NativeEngine(model, tokenizer, device), tokenizer, [rows[i] for i in idx], where, reward_fns, params,
+            engine, tokenizer, [rows[i] for i in idx], where, reward_fns, params,
             repeats=repeats, max_prompt_length=max_prompt_length, device=device,
             seeds=[seed * 1_000_003 + (first_index + i) * repeats + j for i in idx for j in range(repeats)],
             interaction=interaction,

@@ -79,6 +79,25 @@ def _checkpoint_names(model_dir: str) -> set[str]:
     return names
 
 
+def build_rollout(
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    logprobs: Sequence[Sequence[float]],
+    eos: Sequence[int],
+    pad: int,
+    device: torch.device | str = "cpu",
+) -> Rollout:
+    """The Rollout of unpadded prompts, completions and their log-probs, padded as `NativeEngine` pads (shared by
+    the in-process engine and the server client)."""
+    ids, mask = pad_batch(completions, pad, device)  # vLLM stops at the first EOS: all of it is kept
+    lp = torch.zeros(ids.shape, dtype=torch.float32)
+    for i, row in enumerate(logprobs):
+        lp[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    prompt_ids, prompt_mask = pad_batch(prompts, pad, device, left=True)
+    truncated = torch.tensor([not c or c[-1] not in eos for c in completions], device=device)
+    return Rollout(prompt_ids, prompt_mask, ids, mask, lp.to(device), truncated)
+
+
 class VLLMEngine:
     """Samples with a vLLM `LLM` over an HF model directory; `generate` returns what `NativeEngine.generate` does."""
 
@@ -105,6 +124,11 @@ class VLLMEngine:
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos[0]
         self.device = device
         self._checkpoint_names = _checkpoint_names(model)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # under torchrun: one engine per rank on the job's own process group, each sampling its share
+            engine_kwargs.setdefault("distributed_executor_backend", "external_launcher")
+            engine_kwargs.setdefault("seed", torch.distributed.get_rank())
+        self.sleeps = torch.device(device).type == "cuda"  # colocated on a GPU: free its memory between rollouts
         with _process_state_kept():
             self.llm = vllm.LLM(
                 model=model,
@@ -115,12 +139,28 @@ class VLLMEngine:
                 skip_tokenizer_init=True,  # ids in, ids out
                 generation_config="vllm",  # no sampling defaults from the model's generation_config.json
                 logprobs_mode="processed_logprobs",
+                enable_sleep_mode=self.sleeps,
                 **engine_kwargs,
             )
+        self.asleep = False
+        self.generated()
+
+    def _wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
 
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int] | None = None
     ) -> Rollout:
+        comps, logps = self.sample(prompts, params, seeds)
+        return build_rollout(prompts, comps, logps, self.eos, self.pad, self.device)
+
+    def sample(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int] | None = None
+    ) -> tuple[list[list[int]], list[list[float]]]:
+        """Completion ids and their log-probs per prompt, unpadded (what `generate` pads, and the server sends)."""
+        self._wake()
         greedy = params.temperature <= 0
         sampling = [
             self._vllm.SamplingParams(
@@ -141,13 +181,7 @@ class VLLMEngine:
         outs = self.llm.generate(requests, sampling, use_tqdm=False)
         comps = [list(o.outputs[0].token_ids) for o in outs]
         logps = [[lp[t].logprob for t, lp in zip(c, o.outputs[0].logprobs or [])] for c, o in zip(comps, outs)]
-        ids, mask = pad_batch(comps, self.pad, self.device)  # vLLM stops at the first EOS: all of it is kept
-        lp = torch.zeros(ids.shape, dtype=torch.float32)
-        for i, row in enumerate(logps):
-            lp[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
-        prompt_ids, prompt_mask = pad_batch(prompts, self.pad, self.device, left=True)
-        truncated = torch.tensor([not c or c[-1] not in self.eos for c in comps], device=self.device)
-        return Rollout(prompt_ids, prompt_mask, ids, mask, lp.to(self.device), truncated)
+        return comps, logps
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Push all the model's weights (HF checkpoint names, e.g. an unwrapped policy's `state_dict().items()`)
@@ -161,5 +195,20 @@ class VLLMEngine:
                 f"VLLMEngine.load_weights: {len(missing)} of the model's {len(self._checkpoint_names)} weights are "
                 f"missing (first: {missing[0]}); pass the whole state dict"
             )
+        self._wake()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
+
+    def generated(self) -> None:
+        """The rollout is done: on a GPU the engine sleeps (its KV cache freed, weights offloaded) until the next
+        `load_weights`."""
+        if self.sleeps and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def close(self) -> None:
+        """Shut the engine down now, while the process group it shares with the trainer under torchrun still
+        exists (vLLM's own teardown destroys that group; left to the garbage collector it runs after ours)."""
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.barrier()
+        self.llm.llm_engine.engine_core.shutdown()

@@ -39,7 +39,7 @@ from alignrl.errors import AlignRLError
 from alignrl.evaluation import eval_set, evaluate_online
 from alignrl.generation import SamplingParams
 from alignrl.logprobs import token_logprobs
-from alignrl.models import adapter_disabled, is_peft
+from alignrl.models import adapter_disabled, is_peft, merged_weights
 from alignrl.rewards import RewardFunctions, check_sampling_options
 from alignrl.rollout import NativeEngine, RolloutEngine, ScoredRollout, check_prompt_lengths, sample_and_score
 from alignrl.trainers import loop
@@ -71,9 +71,12 @@ class OnlineConfig(TrainConfig):
     max_turns: int = 0  # assistant turns per episode; 0: the environment's own max_turns, else 4
     max_episode_tokens: int = 0  # tokens after the first prompt, both kinds; 0: 2 × max_turns × max_completion_length
     tool_timeout: float = 10.0  # seconds a tool call may take before it returns a timeout error
-    # what samples: this library's decoder, or vLLM in this process (the vllm extra; weights pushed every step)
-    rollout_engine: str = "native"  # native or vllm
+    # what samples: this library's decoder, vLLM in this process (one per rank under torchrun) or a vLLM server
+    # (`alignrl vllm-serve MODEL`); the vllm extra; the policy's weights (LoRA merged) are pushed every step
+    rollout_engine: str = "native"  # native, vllm or vllm_server
     vllm_kv_cache_gib: float | None = None  # vLLM's KV cache (None: its default)
+    vllm_gpu_memory_utilization: float = 0.3  # share of the GPU vLLM may take when colocated with training
+    vllm_server_url: str = "http://127.0.0.1:8000"  # rollout_engine=vllm_server
     # sampler–trainer mismatch: weight each token's policy loss by π_old / π_sampler (algos/rollout_correction.py)
     rollout_correction: str = "none"  # none, token_truncate, token_mask, sequence_truncate, sequence_mask
     rollout_correction_min: float | None = None  # c_min of the ratio's range (None: unbounded below)
@@ -105,12 +108,12 @@ class OnlineConfig(TrainConfig):
                 raise AlignRLError(f"{name}: must be ≥ 0 (0: the default)")
         if self.tool_timeout <= 0:
             raise AlignRLError("tool_timeout: must be > 0 seconds")
-        if self.rollout_engine not in ("native", "vllm"):
-            raise AlignRLError(f"rollout_engine: native or vllm, got {self.rollout_engine!r}")
+        if self.rollout_engine not in ("native", "vllm", "vllm_server"):
+            raise AlignRLError(f"rollout_engine: native, vllm or vllm_server, got {self.rollout_engine!r}")
         if self.vllm_kv_cache_gib is not None and self.vllm_kv_cache_gib <= 0:
             raise AlignRLError("vllm_kv_cache_gib: must be > 0 (or null: vLLM's default)")
-        if self.rollout_engine == "vllm" and self.lora_r:
-            raise AlignRLError("rollout_engine: vllm with LoRA (lora_r > 0) is not supported yet; use native")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise AlignRLError("vllm_gpu_memory_utilization: must be in (0, 1]")
         if self.rollout_correction != "none":
             ROLLOUT_CORRECTIONS.check("rollout_correction", self.rollout_correction)
         low, high = self.rollout_correction_min, self.rollout_correction_max
@@ -287,7 +290,7 @@ class Context:
     reward_fns: RewardFunctions
     reference: nn.Module | None = None
     interaction: Interaction | None = None  # multi-turn episodes
-    inference_engine: Any = None  # the vLLM engine, built at the first sampling (rollout_engine=vllm)
+    inference_engine: Any = None  # the vLLM engine or server client, built at the first sampling
 
     def reference_lm(self) -> nn.Module:
         """The plain reference (or teacher) model inside its wrapper."""
@@ -324,24 +327,44 @@ class Context:
     def engine(self) -> Iterator[RolloutEngine]:
         """The rollout engine with the policy's current weights (native: the policy itself, its parameters gathered
         under FSDP; vLLM: built once, then every weight pushed to it)."""
-        if self.cfg.rollout_engine == "vllm":
-            if self.inference_engine is None:
-                from alignrl.engines.vllm_engine import VLLMEngine
-                from alignrl.models import resolve_model_path
-
-                cfg = self.cfg
-                episode = self.interaction.max_episode_tokens if self.interaction else cfg.max_completion_length
-                positions = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
-                self.inference_engine = VLLMEngine(
-                    resolve_model_path(cfg.model), self.tokenizer,
-                    max_model_len=min(cfg.max_prompt_length + episode, positions),
-                    kv_cache_gib=cfg.vllm_kv_cache_gib, device=self.run.device,
-                )  # fmt: skip
-            self.inference_engine.load_weights(self.model.state_dict().items())
-            yield self.inference_engine
+        if self.cfg.rollout_engine == "native":
+            with dist.full_params(self.policy) as lm:
+                yield NativeEngine(lm, self.tokenizer, self.run.device)
             return
-        with dist.full_params(self.policy) as lm:
-            yield NativeEngine(lm, self.tokenizer, self.run.device)
+        if self.inference_engine is None:
+            self.inference_engine = self._vllm_engine()
+        self._push_weights()
+        try:
+            yield self.inference_engine
+        finally:
+            self.inference_engine.generated()
+
+    def _vllm_engine(self) -> RolloutEngine:
+        cfg = self.cfg
+        if cfg.rollout_engine == "vllm_server":
+            from alignrl.engines.vllm_server import VLLMServerEngine
+
+            return VLLMServerEngine(cfg.vllm_server_url, self.tokenizer, device=self.run.device)
+        from alignrl.engines.vllm_engine import VLLMEngine
+        from alignrl.models import resolve_model_path
+
+        episode = self.interaction.max_episode_tokens if self.interaction else cfg.max_completion_length
+        positions = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
+        return VLLMEngine(
+            resolve_model_path(cfg.model), self.tokenizer,
+            max_model_len=min(cfg.max_prompt_length + episode, positions), kv_cache_gib=cfg.vllm_kv_cache_gib,
+            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, device=self.run.device,
+        )  # fmt: skip
+
+    def _push_weights(self) -> None:
+        """The policy's weights (LoRA merged) into the engine: every rank's own in-process engine, or the server
+        from rank 0 while the other ranks wait."""
+        one_server = self.cfg.rollout_engine == "vllm_server"
+        state = dist.full_state_dict(self.policy, everywhere=not one_server) if dist.is_fsdp(self.policy) else None
+        if not one_server or dist.is_main():
+            self.inference_engine.load_weights(merged_weights(self.model, state))
+        if one_server and dist.is_dist():
+            dist.barrier()
 
 
 def build_batch(scored: ScoredRollout, cfg: OnlineConfig) -> RolloutBatch:
@@ -531,8 +554,6 @@ def episode_metrics(stats: dict[str, Tensor]) -> dict[str, float]:
 def train(cfg: OnlineConfig, algo: OnlineAlgorithm) -> Path:
     """Run an online algorithm; returns the final model directory."""
     refusal = algo.multi_process_error(cfg.distributed) if dist.env_world_size() > 1 else None
-    if dist.env_world_size() > 1 and cfg.rollout_engine == "vllm":
-        refusal = "rollout_engine: vllm runs in one process for now (use native under torchrun)"
     if refusal:
         raise AlignRLError(refusal)
     run = loop.start_run(cfg)
@@ -568,7 +589,7 @@ def train(cfg: OnlineConfig, algo: OnlineAlgorithm) -> Path:
     stream = checkpoint.ReplayStream(lambda: infinite_batches(len(data), cfg.prompts_per_step, random.Random(cfg.seed)))
     first = run.register(model, tok, optimizer=opt, scheduler=sched, data=stream, **algo.state())
     if first == 1:  # the starting policy, before any update
-        evaluated, eval_samples = evaluate_online(policy, tok, eval_data, eval_fns, cfg, run.device, 0, interaction)
+        evaluated, eval_samples = evaluate_online(ctx.engine, tok, eval_data, eval_fns, cfg, run.device, 0, interaction)
         if evaluated:
             run.metrics.log(0, evaluated)
             run.metrics.samples(0, eval_samples)
@@ -602,7 +623,10 @@ def train(cfg: OnlineConfig, algo: OnlineAlgorithm) -> Path:
         metrics["step_time"] = time.perf_counter() - start  # the whole step, evaluation and logging aside
         log_step(ctx, step, metrics, scored, eval_data, eval_fns)
     algo.save(run.out)
-    return loop.finish(run, model, tok)
+    final = loop.finish(run, model, tok)
+    if ctx.inference_engine is not None:
+        ctx.inference_engine.close()
+    return final
 
 
 def log_step(ctx: Context, step: int, metrics: dict, scored: ScoredRollout, eval_data, eval_fns) -> None:
@@ -610,7 +634,7 @@ def log_step(ctx: Context, step: int, metrics: dict, scored: ScoredRollout, eval
     cfg, run = ctx.cfg, ctx.run
     extras = loop.add_reward_logs(metrics, ctx.reward_fns, len(scored.completions))
     evaluated, eval_samples = evaluate_online(
-        ctx.policy, ctx.tokenizer, eval_data, eval_fns, cfg, run.device, step, ctx.interaction
+        ctx.engine, ctx.tokenizer, eval_data, eval_fns, cfg, run.device, step, ctx.interaction
     )
     metrics.update(evaluated)
     if step % cfg.logging_steps == 0 or evaluated:

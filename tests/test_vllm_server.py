@@ -1,0 +1,205 @@
+"""`alignrl vllm-serve` and VLLMServerEngine (alignrl.engines.vllm_server): one server subprocess for the module,
+on a tiny char-level Llama of head size 32, checked against the native engine like tests/test_vllm.py checks the
+in-process engine. vLLM runs in `.venv-vllm` (`make test-vllm`); where it is not installed only the client-side
+tests run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignrl.errors import AlignRLError
+from alignrl.generation import SamplingParams
+
+needs_vllm = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None,
+    reason="vllm is not installed here; `make test-vllm` runs these tests in .venv-vllm",
+)
+LOGP_ATOL = 1e-3  # as tests/test_vllm.py: fp32 on both sides
+MAX_MODEL_LEN = 64
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_is_a_one_line_error(tiny_model):
+    from alignrl.engines.vllm_server import VLLMServerEngine
+    from alignrl.models import load_tokenizer
+
+    url = f"http://127.0.0.1:{_free_port()}"
+    start = time.monotonic()
+    with pytest.raises(AlignRLError, match=r"did not answer /health within 1 s; start it with `alignrl vllm-serve"):
+        VLLMServerEngine(url, load_tokenizer(tiny_model), connect_timeout=1)
+    assert time.monotonic() - start < 5
+
+
+def test_weight_blob_copies_shared_tensors():
+    """Tied weights share storage, which safetensors refuses to save: the blob holds a copy of each."""
+    from safetensors.torch import load
+
+    from alignrl.engines.vllm_server import _state_dict_blob
+
+    emb = torch.randn(4, 3)
+    tensors = load(_state_dict_blob([("embed", emb), ("head", emb), ("t", emb.t()), ("row", emb[1])]))
+    assert set(tensors) == {"embed", "head", "t", "row"}
+    for name, want in [("embed", emb), ("head", emb), ("t", emb.t()), ("row", emb[1])]:
+        assert torch.equal(tensors[name], want), name
+
+
+class Server:
+    """A `vllm-serve` subprocess on a free port, its client, and the native engine on the same model."""
+
+    def __init__(self, model_dir: Path, log: Path):
+        from transformers import AutoModelForCausalLM
+
+        from alignrl.engines.vllm_server import VLLMServerEngine
+        from alignrl.models import load_tokenizer
+        from alignrl.rollout import NativeEngine
+
+        self.url = f"http://127.0.0.1:{_free_port()}"
+        self.log = log
+        args = [sys.executable, "-m", "alignrl.cli", "vllm-serve", str(model_dir), "--port", self.url.rsplit(":")[-1],
+                "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-gib", "0.25"]  # fmt: skip
+        with open(log, "wb") as f:
+            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=f)
+        self.tokenizer = tok = load_tokenizer(str(model_dir))
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        self.native = NativeEngine(self.model, tok)
+        texts = ["hello world", "ab", "the quick brown fox", "12+3=", "zz"]
+        self.prompts = [tok(t, add_special_tokens=False).input_ids for t in texts]
+        self.started = time.monotonic()
+        while self.proc.poll() is None and time.monotonic() - self.started < 180:
+            try:
+                self.client = VLLMServerEngine(self.url, tok, connect_timeout=1)
+                self.started = time.monotonic() - self.started
+                return
+            except AlignRLError:
+                pass
+        raise AssertionError(f"vllm-serve did not come up (exit {self.proc.poll()}):\n{self.log_tail()}")
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+    def post(self, endpoint: str, data: bytes) -> tuple[int, dict]:
+        """A raw POST: (HTTP status, JSON answer)."""
+        request = urllib.request.Request(f"{self.url}/{endpoint}", data=data, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from alignrl.models import init_model
+
+    out = tmp_path_factory.mktemp("served") / "model"
+    init_model(out, hidden_size=64, num_layers=2, num_heads=2, max_length=MAX_MODEL_LEN, seed=0)
+    s = None
+    try:
+        s = Server(out, out.parent / "server.log")
+        yield s
+    finally:
+        proc = s.proc if s is not None else None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _same_rollout(a, b) -> None:
+    for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "truncated"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=LOGP_ATOL, rtol=0)
+
+
+@needs_vllm
+def test_health(server):
+    with urllib.request.urlopen(f"{server.url}/health", timeout=10) as r:
+        health = json.loads(r.read())
+    assert health["status"] == "ok" and health["max_model_len"] == MAX_MODEL_LEN
+    assert server.client.eos == health["eos"] == [server.tokenizer.eos_token_id]
+
+
+@needs_vllm
+def test_greedy_matches_native(server):
+    params = SamplingParams(max_new_tokens=24, temperature=0)
+    _same_rollout(server.client.generate(server.prompts, params), server.native.generate(server.prompts, params))
+
+
+@needs_vllm
+def test_seeded_sampling_is_reproducible(server):
+    params = SamplingParams(max_new_tokens=24, temperature=0.8)
+    prompts, seeds = server.prompts * 2, list(range(10))
+    r = server.client.generate(prompts, params, seeds)
+    again, other = (server.client.generate(prompts, params, s) for s in (seeds, [s + 99 for s in seeds]))
+    assert torch.equal(r.completion_ids, again.completion_ids) and torch.equal(r.logprobs, again.logprobs)
+    assert not torch.equal(r.completion_ids, other.completion_ids)
+    assert torch.equal(r.logprobs == 0, r.completion_mask == 0)
+    ended = r.completion_ids.gather(1, (r.completion_mask.sum(1, keepdim=True) - 1))[:, 0]
+    assert torch.equal(~r.truncated, torch.isin(ended, torch.tensor(server.client.eos)))
+
+
+@needs_vllm
+def test_bad_requests_are_one_line_errors(server):
+    for body, error in [
+        (b"{not json", "generate: the body is not JSON"),
+        (b'{"max_new_tokens": 4}', "generate: missing field 'prompts'"),
+        (b'{"prompts": [[1, "a"]], "max_new_tokens": 4}', "generate: prompts must be a list of lists of token ids"),
+        (b'{"prompts": [[1]], "max_new_tokens": 4, "seeds": [1, 2]}', "generate: 2 seeds for 1 prompts"),
+    ]:
+        status, answer = server.post("generate", body)
+        assert status == 400 and set(answer) == {"error"}, answer
+        assert answer["error"].startswith(error) and "\n" not in answer["error"], answer
+    status, answer = server.post("load_weights", b"not safetensors")
+    assert status == 400 and answer["error"].startswith("load_weights: the body is not a safetensors blob")
+    with pytest.raises(AlignRLError, match=r"^vllm server: generate: .*maximum context length is 64") as e:
+        server.client.generate([[5] * (MAX_MODEL_LEN + 10)], SamplingParams(max_new_tokens=4, temperature=0))
+    assert "\n" not in str(e.value)
+    assert server.client.generate(server.prompts[:1], SamplingParams(max_new_tokens=4, temperature=0))  # still up
+
+
+@needs_vllm
+def test_load_weights(server):
+    params = SamplingParams(max_new_tokens=24, temperature=0)
+    before = server.native.generate(server.prompts, params)
+    original = {k: v.clone() for k, v in server.model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name in ("model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight",
+                     "model.layers.0.mlp.down_proj.weight"):  # fmt: skip
+            p = server.model.get_parameter(name)
+            p.add_(torch.randn(p.shape, generator=g) * p.std() * 0.5)
+    try:
+        with pytest.raises(AlignRLError, match=r"^vllm server: VLLMEngine.load_weights: .* pass the whole state dict"):
+            server.client.load_weights([("model.embed_tokens.weight", server.model.model.embed_tokens.weight)])
+        server.client.load_weights(server.model.state_dict().items())
+        after = server.native.generate(server.prompts, params)
+        assert not torch.equal(after.completion_ids, before.completion_ids)
+        _same_rollout(server.client.generate(server.prompts, params), after)
+    finally:
+        server.model.load_state_dict(original)
+        server.client.load_weights(server.model.state_dict().items())
+    _same_rollout(server.client.generate(server.prompts, params), before)
+
+
+@needs_vllm
+def test_shutdown_exits_zero(server):
+    """Last in this module: the server is gone afterwards."""
+    assert server.post("shutdown", b"") == (200, {"status": "shutting down"})
+    assert server.proc.wait(timeout=60) == 0, server.log_tail()
+    with pytest.raises(AlignRLError, match=r"^vllm server at http://127\.0\.0\.1:\d+: generate failed"):
+        server.client.generate(server.prompts, SamplingParams(max_new_tokens=4, temperature=0))
