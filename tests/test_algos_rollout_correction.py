@@ -158,9 +158,9 @@ def test_a_mismatched_sampler_is_masked_or_truncated(tiny_model, tmp_path, monke
     ("option", "message"),
     [("rollout_correction=token", "rollout_correction: unknown rollout correction 'token'"),
      ("rollout_correction_min=4", "rollout_correction_min/max: need 0 ≤ min ≤ max"),
-     ("rollout_engine=sglang", "rollout_engine: native or vllm, got 'sglang'"),
+     ("rollout_engine=sglang", "rollout_engine: native, vllm or vllm_server, got 'sglang'"),
      ("vllm_kv_cache_gib=0", "vllm_kv_cache_gib: must be > 0"),
-     ("rollout_engine=vllm lora_r=8", "rollout_engine: vllm with LoRA")],  # fmt: skip
+     ("vllm_gpu_memory_utilization=1.5", "vllm_gpu_memory_utilization: must be in (0, 1]")],  # fmt: skip
 )
 def test_bad_rollout_correction_options_are_one_line(option, message, tiny_model, tmp_path, capsys):
     from alignrl.cli import main
@@ -168,3 +168,16 @@ def test_bad_rollout_correction_options_are_one_line(option, message, tiny_model
     assert main(["train", "grpo", f"model={tiny_model}", "train_file=x.jsonl", *option.split()]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"alignrl: error: {message}") and "\n" not in err
+
+
+@pytest.mark.parametrize(("engine", "want"), [("native", "none"), ("vllm", "token_truncate"),
+                                              ("vllm_server", "token_truncate")])  # fmt: skip
+def test_rollout_correction_auto_follows_the_engine(engine, want):
+    """The default corrects a vLLM engine's samples (its kernels are not the trainer's), as TRL does, and leaves
+    the native engine's alone; an explicit choice stays."""
+    from alignrl.config import load_config
+    from alignrl.trainers.grpo import GRPOConfig
+
+    assert load_config(GRPOConfig, None, [f"rollout_engine={engine}"]).rollout_correction == want
+    chosen = load_config(GRPOConfig, None, [f"rollout_engine={engine}", "rollout_correction=sequence_mask"])
+    assert chosen.rollout_correction == "sequence_mask"

@@ -100,6 +100,30 @@ def test_sampled_logprobs_match_recomputation(setup):
 
 
 @needs_vllm
+@pytest.mark.parametrize("filters", [{"top_k": 5}, {"top_p": 0.8}, {"top_k": 20, "top_p": 0.9}], ids=str)
+def test_filtered_logprobs_are_the_samplers(setup, filters):
+    """With top-k/top-p, vLLM's log-probs are those of the distribution it sampled from: softmax(logits / T)
+    restricted to the kept tokens and renormalised (float64 reference below; `generation.filter_logits` keeps the
+    same sets). The trainer scores π_old unfiltered, so with a vLLM engine it always recomputes π_old."""
+    from alignrl.generation import filter_logits
+
+    params = SamplingParams(max_new_tokens=16, temperature=0.8, **filters)
+    r = setup.engine.generate(setup.prompts, params, list(range(len(setup.prompts))))
+    lm = setup.model.double()
+    try:
+        for b, (prompt, completion) in enumerate(zip(setup.prompts, r.completion_lists())):
+            seq = torch.tensor([list(prompt) + completion])
+            with torch.no_grad():
+                logits = lm(input_ids=seq).logits[0, len(prompt) - 1 : -1] / params.temperature
+            kept = filter_logits(logits, params.top_k, params.top_p)
+            want = kept.log_softmax(-1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+            assert want.isfinite().all()  # every sampled token is in the kept set
+            torch.testing.assert_close(r.logprobs[b, : len(completion)].double(), want, atol=LOGP_ATOL, rtol=0)
+    finally:
+        setup.model.float()
+
+
+@needs_vllm
 def test_load_weights(setup):
     params = SamplingParams(max_new_tokens=24, temperature=0)
     before = setup.native.generate(setup.prompts, params)
@@ -129,14 +153,8 @@ def digits(prompts, completions, completion_ids, **kw):
 """
 
 
-@needs_vllm
-def test_grpo_learns_with_vllm_rollouts(tmp_path):
-    """`rollout_engine=vllm`: GRPO samples through vLLM with the weights pushed every step, and learns (the
-    digit-share reward rises over 12 steps); with an fp32 engine the trainer's log π_old equals the sampler's
-    (rollout_correction's mismatch metrics ~0). In a subprocess: an in-process vLLM engine holds global state."""
-    import json
-    import subprocess
-
+def _grpo_args(tmp_path, *extra: str) -> tuple[list[str], object]:
+    """A 12-step GRPO run on the tiny model whose reward is the share of digits in the completion."""
     from alignrl.data import write_jsonl
     from alignrl.models import init_model
 
@@ -147,13 +165,82 @@ def test_grpo_learns_with_vllm_rollouts(tmp_path):
     out = tmp_path / "run"
     args = [f"model={model}", f"train_file={tmp_path / 'p.jsonl'}", f"reward_funcs=[{tmp_path / 'rew.py'}:digits]",
             f"output_dir={out}", "max_steps=12", "prompts_per_step=8", "num_generations=4", "max_completion_length=8",
-            "learning_rate=1e-2", "seed=1", "rollout_engine=vllm", "vllm_kv_cache_gib=0.25",
-            "rollout_correction=token_truncate", "progress_bar=false"]  # fmt: skip
+            "learning_rate=1e-2", "seed=1", "vllm_kv_cache_gib=0.25", "progress_bar=false", *extra]  # fmt: skip
+    return args, out
+
+
+def _metrics(out) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _learned(rows: list[dict]) -> tuple[float, float]:
+    first = sum(m["reward"] for m in rows[:3]) / 3
+    last = sum(m["reward"] for m in rows[-3:]) / 3
+    return first, last
+
+
+@needs_vllm
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_grpo_learns_with_vllm_rollouts(tmp_path, lora):
+    """`rollout_engine=vllm`: GRPO samples through vLLM with the weights (LoRA: merged into the base) pushed every
+    step; with an fp32 engine the trainer's log π_old (recomputed whenever vLLM samples, whatever
+    rollout_correction is) equals the sampler's (the mismatch metrics ~0), which holds only if the engine has
+    exactly the policy's weights (pushing the base without the adapter measured 0.21). Full weights: the run
+    learns (the digit-share reward rises over 12 steps); LoRA learns this task too slowly to show in 12 steps,
+    natively as well. In a subprocess: an in-process vLLM engine holds global state."""
+    import subprocess
+
+    extra = ["lora_r=8", "lora_alpha=16", "lora_target_modules=[q_proj,v_proj,up_proj]", "learning_rate=3e-2",
+             "rollout_correction=none"]  # (π_old is recomputed all the same: the metrics are logged)
+    args, out = _grpo_args(tmp_path, "rollout_engine=vllm", *(extra if lora else []))
     proc = subprocess.run([sys.executable, "-m", "alignrl.cli", "train", "grpo", *args], capture_output=True,
                           text=True, timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    first = sum(m["reward"] for m in rows[:3]) / 3
-    last = sum(m["reward"] for m in rows[-3:]) / 3
+    rows = _metrics(out)
+    assert len(rows) == 12
+    assert max(m["rollout_correction/abs_logp_diff"] for m in rows) < 1e-3
+    first, last = _learned(rows)
+    assert lora or last > first + 0.1, (first, last)
+
+
+@needs_vllm
+def test_grpo_with_vllm_under_torchrun_fsdp(tmp_path):
+    """Two ranks, FSDP2: each rank's own vLLM engine (on the job's process group) samples its share, with the
+    full weights gathered on every rank; the samplers' log-probs equal the trainer's and the run learns."""
+    from test_distributed import torchrun
+
+    args, out = _grpo_args(tmp_path, "rollout_engine=vllm", "distributed=fsdp")
+    torchrun(["-m", "alignrl.cli", "train", "grpo", *args], timeout=600)
+    rows = _metrics(out)
+    first, last = _learned(rows)
     assert last > first + 0.1, (first, last)
     assert max(m["rollout_correction/abs_logp_diff"] for m in rows) < 1e-3
+
+
+@needs_vllm
+def test_eval_with_vllm_equals_native(tmp_path):
+    """`alignrl eval --rollout-engine vllm` scores the same greedy completions as the native engine."""
+    import json
+    import subprocess
+
+    from alignrl.data import write_jsonl
+    from alignrl.models import init_model
+
+    model = tmp_path / "model"
+    init_model(model, hidden_size=64, num_layers=2, num_heads=2, max_length=64, seed=0)
+    (tmp_path / "rew.py").write_text(DIGITS)
+    write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"{a}*{a}="} for a in range(30)])
+    results = {}
+    for engine in ("native", "vllm"):
+        cmd = [sys.executable, "-m", "alignrl.cli", "eval", "--model", str(model), "--data", str(tmp_path / "d.jsonl"),
+               "--reward-funcs", f"{tmp_path / 'rew.py'}:digits", "--max-new-tokens", "12", "--pass-k", "2",
+               "--rollout-engine", engine, "--vllm-kv-cache-gib", "0.25", "--json", str(tmp_path / f"{engine}.json")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[engine] = json.loads((tmp_path / f"{engine}.json").read_text())
+    native, vllm = results["native"], results["vllm"]
+    assert vllm["mean_reward"] == pytest.approx(native["mean_reward"], abs=1e-9)
+    assert vllm["prompts"] == native["prompts"] == 30
+    assert 0 < native["mean_reward"]

@@ -71,6 +71,7 @@ class Server:
 
         self.url = f"http://127.0.0.1:{_free_port()}"
         self.log = log
+        self.model_dir = model_dir
         args = [sys.executable, "-m", "alignrl.cli", "vllm-serve", str(model_dir), "--port", self.url.rsplit(":")[-1],
                 "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-gib", "0.25"]  # fmt: skip
         with open(log, "wb") as f:
@@ -194,6 +195,32 @@ def test_load_weights(server):
         server.model.load_state_dict(original)
         server.client.load_weights(server.model.state_dict().items())
     _same_rollout(server.client.generate(server.prompts, params), before)
+
+
+@needs_vllm
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_grpo_with_server_rollouts(server, tmp_path, ranks):
+    """`rollout_engine=vllm_server`: GRPO (one process, or two DDP ranks sharing the server, rank 0 pushing the
+    weights) samples from the server with the policy's weights of every step: the trainer's log π_old equals the
+    sampler's, and the digit-share reward rises."""
+    from test_distributed import torchrun
+    from test_vllm import _grpo_args, _learned, _metrics
+
+    args, out = _grpo_args(tmp_path, "rollout_engine=vllm_server", f"vllm_server_url={server.url}")
+    args[0] = f"model={server.model_dir}"
+    cli = ["-m", "alignrl.cli", "train", "grpo", *args]
+    try:
+        if ranks == 1:
+            proc = subprocess.run([sys.executable, *cli], capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        else:
+            torchrun([*cli, "distributed=ddp"], timeout=600)
+    finally:
+        server.client.load_weights(server.model.state_dict().items())  # the module's other tests use the original
+    rows = _metrics(out)
+    assert max(m["rollout_correction/abs_logp_diff"] for m in rows) < 1e-3
+    first, last = _learned(rows)
+    assert last > first + 0.1, (first, last)
 
 
 @needs_vllm

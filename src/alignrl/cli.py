@@ -93,6 +93,8 @@ def _main(argv: list[str] | None) -> int:
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
     p_demo.add_argument("--model", default="tiny", help="tiny (built from scratch, default) or smollm2 (real model)")
+    p_demo.add_argument("--rollout-engine", default="native", choices=["native", "vllm"],
+                        help="what samples the GRPO rollouts (vllm: the vllm extra)")  # fmt: skip
 
     p_report = sub.add_parser("report", help="one self-contained HTML file of runs' configs, curves and samples")
     p_report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output_dir of a run (several: overlaid)")
@@ -185,7 +187,8 @@ def _dispatch(args: argparse.Namespace) -> None:
 
             run_env_demo(args.env, args.out, seed=args.seed, quick=args.quick)
         else:
-            run_demo(args.algo, args.out, seed=args.seed, quick=args.quick, model=args.model)
+            run_demo(args.algo, args.out, seed=args.seed, quick=args.quick, model=args.model,
+                     rollout_engine=args.rollout_engine)  # fmt: skip
     elif args.command == "report":
         from alignrl.report import make_report
 

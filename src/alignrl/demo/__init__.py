@@ -35,6 +35,7 @@ class DemoContext:
     quick: bool
     task: DemoTask
     t0: float = field(default_factory=time.perf_counter)
+    rollout_engine: str = "native"  # what samples the RL stage's rollouts (the evaluation stays native)
 
     def data(self, name: str) -> str:
         return str(self.root / "data" / f"{name}.jsonl")
@@ -79,12 +80,14 @@ class DemoContext:
 
 
 def run_demo(
-    algo: str, out: str, seed: int = 0, quick: bool = False, model: str = "tiny"
+    algo: str, out: str, seed: int = 0, quick: bool = False, model: str = "tiny", rollout_engine: str = "native"
 ) -> list[tuple[str, str]]:
     """Run SFT then the chosen algorithm's stage (or, with model=smollm2, GRPO on the real model), print a
     before/after table and the path of the runs' report (`alignrl report`), return the table's rows."""
     if algo not in ALGOS:
         raise AlignRLError(f"--algo: {algo!r} is not a demo (choose from {', '.join(ALGOS)})")
+    if rollout_engine != "native" and algo != "grpo":
+        raise AlignRLError(f"--rollout-engine {rollout_engine}: the GRPO demo only (leave out --algo)")
     if model not in ("tiny", "smollm2"):
         raise AlignRLError(f"--model: {model!r} is not a demo model (choose from tiny, smollm2)")
     t0 = time.perf_counter()
@@ -93,14 +96,14 @@ def run_demo(
             raise AlignRLError("--model smollm2 runs the GRPO demo (leave out --algo)")
         from alignrl.demo import smollm2
 
-        rows = smollm2.run(out, seed=seed, quick=quick)
+        rows = smollm2.run(out, seed=seed, quick=quick, rollout_engine=rollout_engine)
     else:
         try:
             stage = importlib.import_module(f"alignrl.demo.{algo}")
         except ModuleNotFoundError:
             raise AlignRLError(f"--algo: the {algo} demo is not available in this version") from None
         root = Path(out)
-        ctx = DemoContext(root=root, seed=seed, quick=quick, task=make_task(seed), t0=t0)
+        ctx = DemoContext(root=root, seed=seed, quick=quick, task=make_task(seed), t0=t0, rollout_engine=rollout_engine)
         write_jsonl(ctx.data("sft"), ctx.task.sft)
         write_jsonl(ctx.data("rl"), ctx.task.rl)
         write_jsonl(ctx.data("test"), ctx.task.test)

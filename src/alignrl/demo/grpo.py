@@ -16,6 +16,7 @@ def run(ctx: DemoContext) -> list[tuple[str, str]]:
         "overwrite_output_dir=true", f"seed={ctx.seed}",
         "reward_funcs=[gsm8k]", "prompts_per_step=32", "num_generations=8", "max_completion_length=24",
         "learning_rate=2e-4", "temperature=1.0", "beta=0.0", f"max_steps={ctx.steps(60, 3)}", "logging_steps=1",
+        f"rollout_engine={ctx.rollout_engine}",
     ])  # fmt: skip
     acc_rl = ctx.accuracy(str(grpo.train(cfg)))
     n = len(ctx.task.test)

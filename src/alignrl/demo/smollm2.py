@@ -36,7 +36,7 @@ def make_task(seed: int, n_test: int = 200) -> tuple[list[dict], list[dict]]:
     return [row(a, b) for a, b in pairs[n_test:]], [row(a, b) for a, b in pairs[:n_test]]
 
 
-def run(out: str, seed: int = 0, quick: bool = False) -> list[tuple[str, str]]:
+def run(out: str, seed: int = 0, quick: bool = False, rollout_engine: str = "native") -> list[tuple[str, str]]:
     """Evaluate SmolLM2, train it with GRPO + LoRA, evaluate the result; returns the table rows."""
     t0 = time.perf_counter()
 
@@ -60,6 +60,7 @@ def run(out: str, seed: int = 0, quick: bool = False) -> list[tuple[str, str]]:
         "lora_target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]", "learning_rate=2e-4",
         "prompts_per_step=8", "num_generations=8", "max_completion_length=16", "temperature=1.0", "beta=0.0",
         "autocast=bfloat16", f"max_steps={2 if quick else STEPS}", "logging_steps=1",
+        f"rollout_engine={rollout_engine}",
     ])  # fmt: skip
     final = str(grpo.train(cfg))
     log("held-out accuracy after training")

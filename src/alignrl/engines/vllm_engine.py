@@ -6,9 +6,11 @@ The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, set here un
 detokenizer is never used (it mis-decodes some converted tokenizers), and generation stops at the same EOS ids
 as the native engine (`rollout.eos_ids`).
 
-Log-probs are vLLM's `processed_logprobs`: log softmax(logits / T) of the sampled token (greedy: T = 1), as
-`generation.generate` returns them, when no top-k/top-p filter is set. With a filter vLLM renormalises over the
-kept tokens, where the native engine scores against the unfiltered distribution.
+Log-probs are vLLM's `processed_logprobs`, those of the distribution it sampled from: log softmax(logits / T) of
+the sampled token (greedy: T = 1), renormalised over the kept tokens when a top-k/top-p filter is set. Without a
+filter that is what `generation.generate` returns; with one the native engine scores the unfiltered
+distribution. The online trainer therefore recomputes π_old itself whenever vLLM samples, and these log-probs
+serve as π_sampler in the rollout correction.
 """
 
 from __future__ import annotations

@@ -78,7 +78,8 @@ class OnlineConfig(TrainConfig):
     vllm_gpu_memory_utilization: float = 0.3  # share of the GPU vLLM may take when colocated with training
     vllm_server_url: str = "http://127.0.0.1:8000"  # rollout_engine=vllm_server
     # sampler–trainer mismatch: weight each token's policy loss by π_old / π_sampler (algos/rollout_correction.py)
-    rollout_correction: str = "none"  # none, token_truncate, token_mask, sequence_truncate, sequence_mask
+    # auto: token_truncate with a vLLM engine (its kernels differ from the trainer's), none with the native one
+    rollout_correction: str = "auto"  # auto, none, token_truncate, token_mask, sequence_truncate, sequence_mask
     rollout_correction_min: float | None = None  # c_min of the ratio's range (None: unbounded below)
     rollout_correction_max: float | None = 3.0  # c_max (None: unbounded above)
 
@@ -114,6 +115,8 @@ class OnlineConfig(TrainConfig):
             raise AlignRLError("vllm_kv_cache_gib: must be > 0 (or null: vLLM's default)")
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise AlignRLError("vllm_gpu_memory_utilization: must be in (0, 1]")
+        if self.rollout_correction == "auto":
+            self.rollout_correction = "none" if self.rollout_engine == "native" else "token_truncate"
         if self.rollout_correction != "none":
             ROLLOUT_CORRECTIONS.check("rollout_correction", self.rollout_correction)
         low, high = self.rollout_correction_min, self.rollout_correction_max
@@ -419,15 +422,18 @@ def reference_pass(ctx: Context, algo: OnlineAlgorithm, batch: RolloutBatch) -> 
 
 def correct_rollout(ctx: Context, batch: RolloutBatch) -> dict[str, float]:
     """The trainer's own log π_old replaces the sampler's in batch.old_logp, and extra["is_weight"] holds the
-    bounded ratio π_old / π_sampler of cfg.rollout_correction; returns the mismatch metrics over the global
-    batch."""
+    bounded ratio π_old / π_sampler of cfg.rollout_correction (none: no weight; π_old is still the trainer's, as
+    an inference engine's log-probs are not); returns the mismatch metrics over the global batch."""
     cfg = ctx.cfg
     sampler = batch.old_logp
     batch.old_logp = pass_logprobs(ctx, batch, ctx.policy)
-    weight = ROLLOUT_CORRECTIONS[cfg.rollout_correction](
-        batch.old_logp, sampler, batch.loss_mask, cfg.rollout_correction_min, cfg.rollout_correction_max
-    )
-    batch.extra["is_weight"] = weight
+    if cfg.rollout_correction == "none":
+        weight = batch.loss_mask
+    else:
+        weight = ROLLOUT_CORRECTIONS[cfg.rollout_correction](
+            batch.old_logp, sampler, batch.loss_mask, cfg.rollout_correction_min, cfg.rollout_correction_max
+        )
+        batch.extra["is_weight"] = weight
     sums = mismatch_metrics(batch.old_logp, sampler, batch.loss_mask, weight)
     tokens = max(float(batch.total(batch.loss_mask.sum())), 1.0)
     out = {f"rollout_correction/{k}": float(batch.total(v)) / tokens for k, v in sums.items() if k != "ratio_max"}
@@ -606,7 +612,7 @@ def train(cfg: OnlineConfig, algo: OnlineAlgorithm) -> Path:
             run.end_step(step)
             continue
         batch = build_batch(scored, cfg)
-        if cfg.rollout_correction != "none":
+        if cfg.rollout_correction != "none" or cfg.rollout_engine != "native":
             with timer("old_logprobs"):
                 metrics.update(correct_rollout(ctx, batch))
         if ref_path is not None:
