@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,6 +36,10 @@ INSTALL_HINT = "rollout_engine=vllm needs the vllm extra: make .venv-vllm/.insta
 
 def _import_vllm() -> Any:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: direct weight pushes
+    # vLLM logs ~140 INFO lines per engine and, on CPU, warnings with tracebacks for features alignrl does not use
+    # (its tokenizer, chat-template warm-up); VLLM_LOGGING_LEVEL=INFO brings them back
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")  # its own deprecated torch calls
     try:
         import vllm
     except ImportError as e:
@@ -144,6 +149,8 @@ class VLLMEngine:
                 enable_sleep_mode=self.sleeps,
                 **engine_kwargs,
             )
+        vocab = self.llm.llm_engine.model_config.get_vocab_size()
+        self.stop_ids = [e for e in self.eos if e < vocab]  # vLLM refuses ids it cannot sample (they never stop)
         self.asleep = False
         self.generated()
 
@@ -172,7 +179,7 @@ class VLLMEngine:
                 top_p=params.top_p,
                 top_k=params.top_k,
                 seed=None if seeds is None or greedy else int(seeds[i]),
-                stop_token_ids=self.eos,
+                stop_token_ids=self.stop_ids,
                 ignore_eos=False,
                 logprobs=0,  # the sampled token's only
                 detokenize=False,
