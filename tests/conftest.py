@@ -45,16 +45,20 @@ def smollm2() -> str:
 
 @pytest.fixture(scope="session")
 def turn_taker(tiny_model, tmp_path_factory) -> str:
-    """The tiny model after a short SFT on conversations whose assistant turns are a few random digits: it ends
-    its turns within a few tokens, with varied answers (so multi-turn episodes get several turns and rewards that
-    differ within a group)."""
+    """The tiny model taught to take turns (`train_turn_taker`)."""
+    return train_turn_taker(tiny_model, tmp_path_factory.mktemp("turn_taker"))
+
+
+def train_turn_taker(model: str, root) -> str:
+    """`model` after a short SFT on conversations whose assistant turns are a few random digits: it ends its turns
+    within a few tokens, with varied answers (so multi-turn episodes get several turns and rewards that differ
+    within a group)."""
     import random
 
     from alignrl.config import load_config
     from alignrl.data import write_jsonl
     from alignrl.trainers import sft
 
-    root = tmp_path_factory.mktemp("turn_taker")
     rng = random.Random(0)
     rows = []
     for _ in range(64):
@@ -65,7 +69,7 @@ def turn_taker(tiny_model, tmp_path_factory) -> str:
         rows.append({"messages": messages[:-1]})
     write_jsonl(root / "talk.jsonl", rows)
     cfg = load_config(sft.SFTConfig, None, [
-        f"model={tiny_model}", f"train_file={root / 'talk.jsonl'}", f"output_dir={root / 'sft'}", "batch_size=16",
+        f"model={model}", f"train_file={root / 'talk.jsonl'}", f"output_dir={root / 'sft'}", "batch_size=16",
         "max_length=64", "learning_rate=3e-3", "max_steps=40", "progress_bar=false", "logging_steps=40",
     ])  # fmt: skip
     return str(sft.train(cfg))

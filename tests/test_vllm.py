@@ -220,6 +220,41 @@ def test_grpo_with_vllm_under_torchrun_fsdp(tmp_path):
 
 
 @needs_vllm
+@pytest.mark.parametrize("case", ["ppo", "grpo_episodes"])
+def test_other_online_runs_with_vllm(tmp_path, case):
+    """PPO (its critic and GAE on the sampled tokens), and GRPO through a three-turn environment (each turn sampled
+    by vLLM, the environment's replies appended as ids): the trainer's log-probs of every sampled token equal
+    vLLM's, so the episodes' token alignment is right."""
+    import subprocess
+
+    from conftest import train_turn_taker
+    from test_multi_turn_training import TALK
+
+    from alignrl.data import write_jsonl
+    from alignrl.envs import guess
+
+    args, out = _grpo_args(tmp_path, "rollout_engine=vllm", "max_steps=3")
+    if case == "ppo":
+        algo, extra = "ppo", ["num_generations=1", "prompts_per_step=8"]
+    else:
+        (tmp_path / "talk.py").write_text(TALK)
+        write_jsonl(tmp_path / "rows.jsonl", guess.make_rows(16, 0))
+        (tmp_path / "tt").mkdir()
+        algo = "grpo"
+        extra = [f"model={train_turn_taker(str(tmp_path / 'model'), tmp_path / 'tt')}",
+                 f"train_file={tmp_path / 'rows.jsonl'}", f"environment={tmp_path / 'talk.py'}:Talk",
+                 "reward_funcs=[]", "max_completion_length=4", "max_prompt_length=16",
+                 "max_episode_tokens=40"]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "alignrl.cli", "train", algo, *args, *extra], capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _metrics(out)
+    assert len(rows) == 3 and max(m["rollout_correction/abs_logp_diff"] for m in rows) < 1e-3
+    if case == "grpo_episodes":
+        assert max(m["episode/turns"] for m in rows) > 1
+
+
+@needs_vllm
 def test_eval_with_vllm_equals_native(tmp_path):
     """`alignrl eval --rollout-engine vllm` scores the same greedy completions as the native engine."""
     import json
