@@ -9,7 +9,7 @@ import pytest
 from safetensors.torch import load_file
 
 from alignrl.config import load_config
-from alignrl.data import MICRO_BATCH_TOKENS, split_by_tokens, write_jsonl
+from alignrl.data import MICRO_BATCH_TOKENS, ONE_PASS_TOKENS, split_by_tokens, write_jsonl
 from alignrl.errors import AlignRLError
 from alignrl.trainers import dpo, grpo, loop, ppo, rm
 
@@ -38,6 +38,25 @@ def test_default_budget_fits_the_longest_sequence_the_options_allow():
     assert loop.token_budget(cfg, 10_000) == 10_000  # long completions: one sequence per pass at least
     cfg.micro_batch_tokens = 0
     assert loop.token_budget(cfg, 10_000) == 0  # no limit
+
+
+def test_default_budget_runs_small_work_in_one_pass_and_splits_large_work_finely():
+    """Unset micro_batch_tokens: work of up to ONE_PASS_TOKENS (2048) padded tokens is one pass, larger work runs
+    in passes of at most MICRO_BATCH_TOKENS (1024); a set budget is the limit of every pass."""
+    assert (MICRO_BATCH_TOKENS, ONE_PASS_TOKENS) == (1024, 2048)
+    small = [100] * 20  # 2000 padded tokens
+    assert split_by_tokens(small, MICRO_BATCH_TOKENS, one_pass=ONE_PASS_TOKENS) == [list(range(20))]
+    assert [len(p) for p in split_by_tokens(small, MICRO_BATCH_TOKENS)] == [10, 10]
+    large = [60] * 30 + [100] * 6  # 3600 padded tokens as one pass
+    parts = split_by_tokens(large, MICRO_BATCH_TOKENS, one_pass=ONE_PASS_TOKENS)
+    assert [len(p) for p in parts] == [17, 13, 6]  # 17 × 60 ≤ 1024; the longest rows last
+    assert [len(p) for p in split_by_tokens(small, 0, max_items=8, one_pass=ONE_PASS_TOKENS)] == [8, 8, 4]
+    pairs = [100] * 10  # rows_per_item=2: 2000 padded tokens
+    assert len(split_by_tokens(pairs, MICRO_BATCH_TOKENS, rows_per_item=2, one_pass=ONE_PASS_TOKENS)) == 1
+    cfg = grpo.GRPOConfig(model="m")
+    assert loop.one_pass_tokens(cfg) == ONE_PASS_TOKENS
+    cfg.micro_batch_tokens = 4096
+    assert loop.one_pass_tokens(cfg) == 0
 
 
 @pytest.mark.parametrize(

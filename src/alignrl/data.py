@@ -169,11 +169,13 @@ def tokenize_sft(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, where:
     return SFTExample(p + c, [0] * len(p) + [1] * len(c))
 
 
-# Default token budget of one forward/backward (micro_batch_tokens): padded tokens, prompt included. On CPU,
-# passes of ~1-2k tokens were as fast or faster than whole batches (shorter rows trim their padding) at a third to
-# half the activation memory, and work under 2k tokens stays one pass (bench/micro_batch.py, BENCHMARKS.md).
-# GPUs have room for far larger passes: raise it there.
-MICRO_BATCH_TOKENS = 2048
+# Default token budget of one forward/backward (micro_batch_tokens unset): padded tokens, prompt included. Work of
+# up to ONE_PASS_TOKENS in all runs as one pass (a pass has a fixed cost that small work notices); larger work is
+# split into passes of at most MICRO_BATCH_TOKENS. On CPU, 1k-token passes of long batches were faster than
+# whole-batch or 2k-token passes (shorter rows trim their padding, activations stay in cache) at a third to half
+# the activation memory (bench/micro_batch.py, BENCHMARKS.md). GPUs have room for far larger passes: set it there.
+MICRO_BATCH_TOKENS = 1024
+ONE_PASS_TOKENS = 2048
 
 
 def pad_batch(
@@ -192,10 +194,14 @@ def pad_batch(
 
 
 def split_by_tokens(
-    lengths: Sequence[int], budget: int, max_items: int = 0, rows_per_item: int = 1
+    lengths: Sequence[int], budget: int, max_items: int = 0, rows_per_item: int = 1, one_pass: int = 0
 ) -> list[list[int]]:
     """Indices sorted by length (ties in order), cut into micro-batches of at most `max_items` items (0: any) whose
-    padded size rows_per_item × items × longest stays ≤ `budget` tokens (0: any)."""
+    padded size rows_per_item × items × longest stays ≤ `budget` tokens (0: any); all in one micro-batch when their
+    whole padded size is ≤ `one_pass` tokens (and within max_items)."""
+    whole = rows_per_item * len(lengths) * max(lengths, default=0)
+    if whole <= one_pass and (not max_items or len(lengths) <= max_items):
+        budget = 0
     out: list[list[int]] = []
     for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
         width = rows_per_item * lengths[i]  # ascending: the newest item is the widest of its micro-batch

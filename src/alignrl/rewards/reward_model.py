@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
-from alignrl.data import MICRO_BATCH_TOKENS, encode_completion, pad_batch, split_by_tokens
+from alignrl.data import ONE_PASS_TOKENS, encode_completion, pad_batch, split_by_tokens
 from alignrl.errors import AlignRLError
 from alignrl.logprobs import position_ids_from_mask
 from alignrl.models import (
@@ -91,7 +91,7 @@ class RewardModelScorer:
         path: str,
         device: str = "auto",
         dtype: str = "float32",
-        batch_tokens: int = MICRO_BATCH_TOKENS,
+        batch_tokens: int = ONE_PASS_TOKENS,  # inference only: no activations kept
         max_length: int | None = None,
     ):
         self.path = path

@@ -25,7 +25,7 @@ from alignrl import checkpoint, rundir, trackers
 from alignrl import distributed as dist
 from alignrl.attention import TRAIN_ATTENTION
 from alignrl.config import TrainConfig, algorithm_of, save_config
-from alignrl.data import MICRO_BATCH_TOKENS, split_by_tokens
+from alignrl.data import MICRO_BATCH_TOKENS, ONE_PASS_TOKENS, split_by_tokens
 from alignrl.errors import AlignRLError
 from alignrl.mlp import use_lean_mlp
 from alignrl.models import (
@@ -70,6 +70,12 @@ def token_budget(cfg: TrainConfig, longest: int) -> int:
     return max(MICRO_BATCH_TOKENS, longest)
 
 
+def one_pass_tokens(cfg: TrainConfig) -> int:
+    """Work of up to this many padded tokens runs as one pass: ONE_PASS_TOKENS with the default budget, none (0)
+    when `micro_batch_tokens` is set (then it is the limit of every pass)."""
+    return ONE_PASS_TOKENS if cfg.micro_batch_tokens is None else 0
+
+
 def check_token_budget(cfg: TrainConfig, longest: int, what: str) -> None:
     """Config check: an explicit budget must hold the widest `what` the options allow (`longest` tokens)."""
     if cfg.micro_batch_tokens and cfg.micro_batch_tokens < longest:
@@ -80,17 +86,17 @@ def check_token_budget(cfg: TrainConfig, longest: int, what: str) -> None:
 
 
 def token_micro_batches(
-    lengths: Sequence[int], budget: int, max_items: int = 0, rows_per_item: int = 1
+    lengths: Sequence[int], budget: int, max_items: int = 0, rows_per_item: int = 1, one_pass: int = 0
 ) -> list[list[int]]:
     """`data.split_by_tokens`, padded under torchrun with empty micro-batches to the same count on every rank
     (each forward is a collective under FSDP)."""
-    out = split_by_tokens(lengths, budget, max_items, rows_per_item)
+    out = split_by_tokens(lengths, budget, max_items, rows_per_item, one_pass)
     n = dist.all_reduce(len(out), "max")
     return out + [[] for _ in range(n - len(out))]
 
 
 def local_parts(
-    micro: list[list[T]], width: Callable[[T], int], budget: int, rows_per_item: int = 1
+    micro: list[list[T]], width: Callable[[T], int], budget: int, rows_per_item: int = 1, one_pass: int = 0
 ) -> list[tuple[list[T], float]]:
     """This rank's share of each accumulated micro-batch (`dist.local_part`), split to the token budget (items of
     `width` tokens, `rows_per_item` rows each), with loss weights: a part this rank lacks is its first item with
@@ -98,7 +104,8 @@ def local_parts(
     parts: list[tuple[list[T], float]] = []
     for b in micro:
         share, w = dist.local_part(b)
-        for idx in token_micro_batches([width(e) for e in share], budget, rows_per_item=rows_per_item):
+        for idx in token_micro_batches([width(e) for e in share], budget, rows_per_item=rows_per_item,
+                                       one_pass=one_pass):  # fmt: skip
             parts.append(([share[i] for i in idx], w) if idx else (share[:1], 0.0))
     return parts
 
@@ -108,7 +115,8 @@ def rollout_micro_batches(rows: torch.Tensor, lengths: torch.Tensor, cfg: Any) -
     of `cfg.micro_batch_size` rows if set, else within the token budget; each with its loss weight. A micro-batch
     a rank lacks (torchrun: fewer than another rank's) runs batch row 0 with weight 0."""
     size, longest = cfg.micro_batch_size, cfg.max_prompt_length + cfg.max_completion_length
-    parts = token_micro_batches(lengths.tolist(), 0 if size else token_budget(cfg, longest), size)
+    parts = token_micro_batches(lengths.tolist(), 0 if size else token_budget(cfg, longest), size,
+                                one_pass=0 if size else one_pass_tokens(cfg))  # fmt: skip
     dummy = torch.zeros(1, dtype=torch.long, device=rows.device)
     return [(rows[torch.tensor(p, dtype=torch.long, device=rows.device)], 1.0) if p else (dummy, 0.0) for p in parts]
 

@@ -33,6 +33,7 @@ def accumulated_update(
     count: float,
     width: Callable[[T], int],
     budget: int,
+    one_pass: int = 0,
     rows_per_item: int,
     keys: Sequence[str],
     opt: torch.optim.Optimizer,
@@ -45,7 +46,7 @@ def accumulated_update(
     divided by `count` (the whole batch's items or tokens); gradients sync on the last part (`policy` is the wrapped
     model the forwards go through, `model` the plain one the optimiser steps). Returns the logged
     means over `count` of the statistics `keys` (all-reduced; "loss" among them) and the optimiser-step metrics."""
-    parts = loop.local_parts(micro, width, budget, rows_per_item)
+    parts = loop.local_parts(micro, width, budget, rows_per_item, one_pass)
     acc: dict[str, float] = {}
     for i, (part, w) in enumerate(parts):
         with dist.grad_sync(policy, i == len(parts) - 1):
