@@ -59,6 +59,18 @@ def test_default_budget_runs_small_work_in_one_pass_and_splits_large_work_finely
     assert loop.one_pass_tokens(cfg) == 0
 
 
+def test_default_budget_holds_an_episode_longer_than_prompt_plus_completion():
+    """Multi-turn rows (first prompt + whole episode) can be longer than max_prompt_length + max_completion_length:
+    the default budget is raised to the longest row instead of refusing it."""
+    import torch
+
+    cfg = grpo.GRPOConfig(model="m", max_prompt_length=256, max_completion_length=128)
+    lengths = torch.tensor([1500, 300, 1200, 400, 1100, 200])  # 6 × 1500 = 9000 padded tokens as one pass
+    parts = loop.rollout_micro_batches(torch.arange(6), lengths, cfg)
+    assert sorted(int(i) for p, _ in parts for i in p) == list(range(6))
+    assert all(len(p) * int(lengths[p].max()) <= 1500 for p, _ in parts)
+
+
 @pytest.mark.parametrize(
     ("config", "overrides", "message"),
     [

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from transformers import AutoConfig
 
 from alignrl import distributed as dist
 from alignrl.data import Rows, load_rows, require_columns
@@ -112,9 +113,15 @@ def evaluate_model(
     if rollout_engine == "vllm":
         from alignrl.engines.vllm_engine import VLLMEngine
 
+        if vllm_kv_cache_gib is not None and vllm_kv_cache_gib <= 0:
+            raise AlignRLError("--vllm-kv-cache-gib: must be > 0")
         check_model_dir(model_path, "--model")
+        path = resolve_model_path(model_path, "--model")
         tokenizer = tokenizer or load_tokenizer(model_path, "--model")
-        engine = VLLMEngine(resolve_model_path(model_path, "--model"), tokenizer, dtype=dtype,
+        # the KV cache sized for this evaluation's sequences, not the model's whole context
+        episode = interaction.max_episode_tokens if interaction else max_new_tokens
+        positions = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None) or 1 << 30
+        engine = VLLMEngine(path, tokenizer, dtype=dtype, max_model_len=min(max_prompt_length + episode, positions),
                             kv_cache_gib=vllm_kv_cache_gib, device=dev)  # fmt: skip
     else:
         if model is None:

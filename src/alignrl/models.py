@@ -334,7 +334,8 @@ def merged_weights(
             if not isinstance(module, LoraLayer) or module.merged or module.disable_adapters:
                 continue
             for a in (a for a in module.active_adapters if a in module.lora_A):
-                if not isinstance(module, LoraLinear) or module.use_dora[a] or module.fan_in_fan_out:
+                lora_bias = getattr(module, "lora_bias", {}).get(a, False)
+                if not isinstance(module, LoraLinear) or module.use_dora[a] or module.fan_in_fan_out or lora_bias:
                     raise AlignRLError(f"{name}: only plain LoRA on linear layers can be merged for the rollout engine")
                 B, A = state[f"{name}.lora_B.{a}.weight"], state[f"{name}.lora_A.{a}.weight"]
                 delta = (B @ A) * module.scaling[a]

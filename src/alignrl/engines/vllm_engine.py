@@ -151,13 +151,15 @@ class VLLMEngine:
             )
         vocab = self.llm.llm_engine.model_config.get_vocab_size()
         self.stop_ids = [e for e in self.eos if e < vocab]  # vLLM refuses ids it cannot sample (they never stop)
-        self.asleep = False
+        self.asleep: set[str] = set()  # what sleep mode has released: "weights", "kv_cache"
         self.generated()
 
-    def _wake(self) -> None:
-        if self.asleep:
-            self.llm.wake_up()
-            self.asleep = False
+    def _wake(self, part: str) -> None:
+        """Bring back the weights (before a push) or the KV cache (before sampling), each only when needed: a push
+        then never has the cache allocated beside the trainer's full state dict."""
+        if part in self.asleep:
+            self.llm.wake_up(tags=[part])
+            self.asleep.discard(part)
 
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int] | None = None
@@ -169,7 +171,8 @@ class VLLMEngine:
         self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int] | None = None
     ) -> tuple[list[list[int]], list[list[float]]]:
         """Completion ids and their log-probs per prompt, unpadded (what `generate` pads, and the server sends)."""
-        self._wake()
+        self._wake("weights")
+        self._wake("kv_cache")
         greedy = params.temperature <= 0
         sampling = [
             self._vllm.SamplingParams(
@@ -204,20 +207,22 @@ class VLLMEngine:
                 f"VLLMEngine.load_weights: {len(missing)} of the model's {len(self._checkpoint_names)} weights are "
                 f"missing (first: {missing[0]}); pass the whole state dict"
             )
-        self._wake()
+        self._wake("weights")
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
-        self.llm.reset_prefix_cache()
+        if "kv_cache" not in self.asleep:  # (a released cache holds no prefixes)
+            self.llm.reset_prefix_cache()
 
     def generated(self) -> None:
         """The rollout is done: on a GPU the engine sleeps (its KV cache freed, weights offloaded) until the next
         `load_weights`."""
         if self.sleeps and not self.asleep:
             self.llm.sleep(level=1)
-            self.asleep = True
+            self.asleep = {"weights", "kv_cache"}
 
-    def close(self) -> None:
+    def close(self, barrier: bool = True) -> None:
         """Shut the engine down now, while the process group it shares with the trainer under torchrun still
-        exists (vLLM's own teardown destroys that group; left to the garbage collector it runs after ours)."""
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        exists (vLLM's own teardown destroys that group; left to the garbage collector it runs after ours). With
+        `barrier`, every rank first waits for the others (not on an error path, where a rank may be gone)."""
+        if barrier and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.barrier()
         self.llm.llm_engine.engine_core.shutdown()

@@ -301,7 +301,7 @@ class VLLMServerEngine:
     def generated(self) -> None:
         """The rollout is done (the server manages its own memory)."""
 
-    def close(self) -> None:
+    def close(self, barrier: bool = True) -> None:
         """Nothing to release: the server is the user's and keeps running."""
 
 

@@ -113,8 +113,10 @@ def local_parts(
 def rollout_micro_batches(rows: torch.Tensor, lengths: torch.Tensor, cfg: Any) -> list[tuple[torch.Tensor, float]]:
     """Rollout `rows` (batch row indices, `lengths` their widths in tokens) in micro-batches of similar lengths:
     of `cfg.micro_batch_size` rows if set, else within the token budget; each with its loss weight. A micro-batch
-    a rank lacks (torchrun: fewer than another rank's) runs batch row 0 with weight 0."""
-    size, longest = cfg.micro_batch_size, cfg.max_prompt_length + cfg.max_completion_length
+    a rank lacks (torchrun: fewer than another rank's) runs batch row 0 with weight 0. The default budget holds
+    the longest row (a multi-turn episode can be longer than prompt + one completion)."""
+    size = cfg.micro_batch_size
+    longest = max(cfg.max_prompt_length + cfg.max_completion_length, int(lengths.max()) if len(lengths) else 0)
     parts = token_micro_batches(lengths.tolist(), 0 if size else token_budget(cfg, longest), size,
                                 one_pass=0 if size else one_pass_tokens(cfg))  # fmt: skip
     dummy = torch.zeros(1, dtype=torch.long, device=rows.device)

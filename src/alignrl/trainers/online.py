@@ -356,7 +356,7 @@ class Context:
         return VLLMEngine(
             resolve_model_path(cfg.model), self.tokenizer,
             max_model_len=min(cfg.max_prompt_length + episode, positions), kv_cache_gib=cfg.vllm_kv_cache_gib,
-            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, device=self.run.device,
+            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, device=self.run.device, dtype=cfg.dtype,
         )  # fmt: skip
 
     def _push_weights(self) -> None:
@@ -594,45 +594,59 @@ def train(cfg: OnlineConfig, algo: OnlineAlgorithm) -> Path:
     sched = loop.build_scheduler(opt, cfg, cfg.max_steps * algo.epochs * algo.minibatches)
     stream = checkpoint.ReplayStream(lambda: infinite_batches(len(data), cfg.prompts_per_step, random.Random(cfg.seed)))
     first = run.register(model, tok, optimizer=opt, scheduler=sched, data=stream, **algo.state())
-    if first == 1:  # the starting policy, before any update
-        evaluated, eval_samples = evaluate_online(ctx.engine, tok, eval_data, eval_fns, cfg, run.device, 0, interaction)
-        if evaluated:
-            run.metrics.log(0, evaluated)
-            run.metrics.samples(0, eval_samples)
-    for step in range(first, cfg.max_steps + 1):
-        start, timer = time.perf_counter(), loop.Timer()
-        with timer("release_memory"):
-            loop.release_freed_memory()  # the last update's activations and gradients, before the KV cache
-        fns.start_step(step - 1, cfg.max_steps)  # trainer_state: updates done so far (as TRL); this step's counts
-        with timer("generation"):
-            scored, metrics = algo.sample(stream, step)
-        loop.check_reward_signal(run, fns)
-        if scored.rollout.completion_ids.shape[0] == 0:  # e.g. dynamic sampling found no informative group
-            run.metrics.log(step, {**metrics, "skipped_step": 1.0})
-            run.end_step(step)
-            continue
-        batch = build_batch(scored, cfg)
-        if cfg.rollout_correction != "none" or cfg.rollout_engine != "native":
-            with timer("old_logprobs"):
-                metrics.update(correct_rollout(ctx, batch))
-        if ref_path is not None:
-            with timer("reference"):
-                reference_pass(ctx, algo, batch)
-        algo.prepare(batch, timer)
-        seed = (cfg.seed * 1_000_003 + getattr(stream, "consumed", step)) * 1_000_003
-        with timer("update"):
-            stats, upd = update(ctx, algo, batch, opt, sched, seed)
-        metrics.update(upd)
-        metrics.update(rollout_metrics(scored, batch, fns))
-        metrics.update(algo.metrics(batch, stats))
-        metrics.update({f"time/{k}": v for k, v in timer.t.items()})
-        metrics["step_time"] = time.perf_counter() - start  # the whole step, evaluation and logging aside
-        log_step(ctx, step, metrics, scored, eval_data, eval_fns)
-    algo.save(run.out)
-    final = loop.finish(run, model, tok)
+    with closing_engine(ctx):  # the vLLM engine, if one was built: shut down before the process group goes
+        if first == 1:  # the starting policy, before any update
+            evaluated, eval_samples = evaluate_online(
+                ctx.engine, tok, eval_data, eval_fns, cfg, run.device, 0, interaction
+            )
+            if evaluated:
+                run.metrics.log(0, evaluated)
+                run.metrics.samples(0, eval_samples)
+        for step in range(first, cfg.max_steps + 1):
+            start, timer = time.perf_counter(), loop.Timer()
+            with timer("release_memory"):
+                loop.release_freed_memory()  # the last update's activations and gradients, before the KV cache
+            fns.start_step(step - 1, cfg.max_steps)  # trainer_state: updates done so far (as TRL); this step's counts
+            with timer("generation"):
+                scored, metrics = algo.sample(stream, step)
+            loop.check_reward_signal(run, fns)
+            if scored.rollout.completion_ids.shape[0] == 0:  # e.g. dynamic sampling found no informative group
+                run.metrics.log(step, {**metrics, "skipped_step": 1.0})
+                run.end_step(step)
+                continue
+            batch = build_batch(scored, cfg)
+            if cfg.rollout_correction != "none" or cfg.rollout_engine != "native":
+                with timer("old_logprobs"):
+                    metrics.update(correct_rollout(ctx, batch))
+            if ref_path is not None:
+                with timer("reference"):
+                    reference_pass(ctx, algo, batch)
+            algo.prepare(batch, timer)
+            seed = (cfg.seed * 1_000_003 + getattr(stream, "consumed", step)) * 1_000_003
+            with timer("update"):
+                stats, upd = update(ctx, algo, batch, opt, sched, seed)
+            metrics.update(upd)
+            metrics.update(rollout_metrics(scored, batch, fns))
+            metrics.update(algo.metrics(batch, stats))
+            metrics.update({f"time/{k}": v for k, v in timer.t.items()})
+            metrics["step_time"] = time.perf_counter() - start  # the whole step, evaluation and logging aside
+            log_step(ctx, step, metrics, scored, eval_data, eval_fns)
+        algo.save(run.out)
+        return loop.finish(run, model, tok)
+
+
+@contextlib.contextmanager
+def closing_engine(ctx: Context) -> Iterator[None]:
+    """Close the run's inference engine when the block ends: with a barrier after a normal end, without one after an
+    error (another rank may be gone)."""
+    try:
+        yield
+    except BaseException:
+        if ctx.inference_engine is not None:
+            ctx.inference_engine.close(barrier=False)
+        raise
     if ctx.inference_engine is not None:
         ctx.inference_engine.close()
-    return final
 
 
 def log_step(ctx: Context, step: int, metrics: dict, scored: ScoredRollout, eval_data, eval_fns) -> None:
