@@ -67,16 +67,56 @@ def setup(request, tmp_path_factory) -> Setup:
     return Setup(request.getfixturevalue("smollm2"), 512, texts, chat=True)
 
 
-def _same_rollout(a, b) -> None:
+def same_rollout(a, b) -> None:
     for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "truncated"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     torch.testing.assert_close(a.logprobs, b.logprobs, atol=LOGP_ATOL, rtol=0)
 
 
+def check_seeded_sampling(engine, prompts, params: SamplingParams):
+    """Per-request seeds: the same seeds give the same completions, others differ; log-probs only on completion
+    tokens; `truncated` exactly where the last token is no EOS. Returns the rollout and its repeat."""
+    seeds = list(range(len(prompts)))
+    r = engine.generate(prompts, params, seeds)
+    again, other = (engine.generate(prompts, params, s) for s in (seeds, [s + 99 for s in seeds]))
+    assert torch.equal(r.completion_ids, again.completion_ids)
+    assert not torch.equal(r.completion_ids, other.completion_ids)
+    assert torch.equal(r.logprobs == 0, r.completion_mask == 0)
+    ended = r.completion_ids.gather(1, (r.completion_mask.sum(1, keepdim=True) - 1))[:, 0]
+    assert torch.equal(~r.truncated, torch.isin(ended, torch.tensor(engine.eos)))
+    return r, again
+
+
+def check_load_weights(engine, native, model, prompts, partial_error: str) -> None:
+    """A partial state dict is refused (`partial_error`); after perturbing three weights (the embedding, tied to
+    the head in SmolLM2; a fused q/k/v member; an MLP matrix) and a full push, the engine's greedy output is the
+    native engine's on the new weights; the original weights are pushed back afterwards."""
+    params = SamplingParams(max_new_tokens=24, temperature=0)
+    before = native.generate(prompts, params)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name in ("model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight",
+                     "model.layers.0.mlp.down_proj.weight"):  # fmt: skip
+            p = model.get_parameter(name)
+            p.add_(torch.randn(p.shape, generator=g) * p.std() * 0.5)
+    try:
+        with pytest.raises(AlignRLError, match=partial_error):
+            engine.load_weights([("model.embed_tokens.weight", model.model.embed_tokens.weight)])
+        engine.load_weights(model.state_dict().items())
+        after = native.generate(prompts, params)
+        assert not torch.equal(after.completion_ids, before.completion_ids)
+        same_rollout(engine.generate(prompts, params), after)
+    finally:
+        model.load_state_dict(original)
+        engine.load_weights(model.state_dict().items())
+    same_rollout(engine.generate(prompts, params), before)
+
+
 @needs_vllm
 def test_greedy_matches_native(setup):
     params = SamplingParams(max_new_tokens=24, temperature=0)
-    _same_rollout(setup.engine.generate(setup.prompts, params), setup.native.generate(setup.prompts, params))
+    same_rollout(setup.engine.generate(setup.prompts, params), setup.native.generate(setup.prompts, params))
 
 
 @needs_vllm
@@ -84,14 +124,7 @@ def test_sampled_logprobs_match_recomputation(setup):
     from alignrl.logprobs import token_logprobs
 
     params = SamplingParams(max_new_tokens=32, temperature=0.7)
-    prompts, seeds = setup.prompts * 3, list(range(15))
-    r = setup.engine.generate(prompts, params, seeds)
-    again, other = (setup.engine.generate(prompts, params, s) for s in (seeds, [s + 99 for s in seeds]))
-    assert torch.equal(r.completion_ids, again.completion_ids)  # per-request seeds: reproducible
-    assert not torch.equal(r.completion_ids, other.completion_ids)
-    ended = r.completion_ids.gather(1, (r.completion_mask.sum(1, keepdim=True) - 1))[:, 0]
-    assert torch.equal(~r.truncated, torch.isin(ended, torch.tensor(setup.engine.eos)))
-    assert torch.equal(r.logprobs == 0, r.completion_mask == 0)
+    r, _ = check_seeded_sampling(setup.engine, setup.prompts * 3, params)
     with torch.no_grad():
         ref, _ = token_logprobs(setup.model, r.input_ids, r.attention_mask, r.completion_mask,
                                 start=r.prompt_ids.shape[1], temperature=params.temperature)  # fmt: skip
@@ -125,26 +158,7 @@ def test_filtered_logprobs_are_the_samplers(setup, filters):
 
 @needs_vllm
 def test_load_weights(setup):
-    params = SamplingParams(max_new_tokens=24, temperature=0)
-    before = setup.native.generate(setup.prompts, params)
-    original = {k: v.clone() for k, v in setup.model.state_dict().items()}
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # the embedding (tied to the head in SmolLM2), a fused q/k/v member and an MLP matrix
-        for name in ("model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight",
-                     "model.layers.0.mlp.down_proj.weight"):  # fmt: skip
-            p = setup.model.get_parameter(name)
-            p.add_(torch.randn(p.shape, generator=g) * p.std() * 0.5)
-    try:
-        with pytest.raises(AlignRLError, match="pass the whole state dict"):
-            setup.engine.load_weights([("model.embed_tokens.weight", setup.model.model.embed_tokens.weight)])
-        setup.engine.load_weights(setup.model.state_dict().items())
-        after = setup.native.generate(setup.prompts, params)
-        assert not torch.equal(after.completion_ids, before.completion_ids)
-        _same_rollout(setup.engine.generate(setup.prompts, params), after)
-    finally:
-        setup.model.load_state_dict(original)
-        setup.engine.load_weights(setup.model.state_dict().items())
-    _same_rollout(setup.engine.generate(setup.prompts, params), before)
+    check_load_weights(setup.engine, setup.native, setup.model, setup.prompts, "pass the whole state dict")
 
 
 DIGITS = """

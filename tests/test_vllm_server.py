@@ -5,7 +5,6 @@ tests run."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import socket
 import subprocess
@@ -17,15 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_vllm import check_load_weights, check_seeded_sampling, needs_vllm, same_rollout
 
 from alignrl.errors import AlignRLError
 from alignrl.generation import SamplingParams
 
-needs_vllm = pytest.mark.skipif(
-    importlib.util.find_spec("vllm") is None,
-    reason="vllm is not installed here; `make test-vllm` runs these tests in .venv-vllm",
-)
-LOGP_ATOL = 1e-3  # as tests/test_vllm.py: fp32 on both sides
 MAX_MODEL_LEN = 64
 
 
@@ -121,12 +116,6 @@ def server(tmp_path_factory):
             proc.wait()
 
 
-def _same_rollout(a, b) -> None:
-    for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "truncated"):
-        assert torch.equal(getattr(a, name), getattr(b, name)), name
-    torch.testing.assert_close(a.logprobs, b.logprobs, atol=LOGP_ATOL, rtol=0)
-
-
 @needs_vllm
 def test_health(server):
     with urllib.request.urlopen(f"{server.url}/health", timeout=10) as r:
@@ -138,20 +127,14 @@ def test_health(server):
 @needs_vllm
 def test_greedy_matches_native(server):
     params = SamplingParams(max_new_tokens=24, temperature=0)
-    _same_rollout(server.client.generate(server.prompts, params), server.native.generate(server.prompts, params))
+    same_rollout(server.client.generate(server.prompts, params), server.native.generate(server.prompts, params))
 
 
 @needs_vllm
 def test_seeded_sampling_is_reproducible(server):
     params = SamplingParams(max_new_tokens=24, temperature=0.8)
-    prompts, seeds = server.prompts * 2, list(range(10))
-    r = server.client.generate(prompts, params, seeds)
-    again, other = (server.client.generate(prompts, params, s) for s in (seeds, [s + 99 for s in seeds]))
-    assert torch.equal(r.completion_ids, again.completion_ids) and torch.equal(r.logprobs, again.logprobs)
-    assert not torch.equal(r.completion_ids, other.completion_ids)
-    assert torch.equal(r.logprobs == 0, r.completion_mask == 0)
-    ended = r.completion_ids.gather(1, (r.completion_mask.sum(1, keepdim=True) - 1))[:, 0]
-    assert torch.equal(~r.truncated, torch.isin(ended, torch.tensor(server.client.eos)))
+    r, again = check_seeded_sampling(server.client, server.prompts * 2, params)
+    assert torch.equal(r.logprobs, again.logprobs)
 
 
 @needs_vllm
@@ -175,26 +158,8 @@ def test_bad_requests_are_one_line_errors(server):
 
 @needs_vllm
 def test_load_weights(server):
-    params = SamplingParams(max_new_tokens=24, temperature=0)
-    before = server.native.generate(server.prompts, params)
-    original = {k: v.clone() for k, v in server.model.state_dict().items()}
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name in ("model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight",
-                     "model.layers.0.mlp.down_proj.weight"):  # fmt: skip
-            p = server.model.get_parameter(name)
-            p.add_(torch.randn(p.shape, generator=g) * p.std() * 0.5)
-    try:
-        with pytest.raises(AlignRLError, match=r"^vllm server: VLLMEngine.load_weights: .* pass the whole state dict"):
-            server.client.load_weights([("model.embed_tokens.weight", server.model.model.embed_tokens.weight)])
-        server.client.load_weights(server.model.state_dict().items())
-        after = server.native.generate(server.prompts, params)
-        assert not torch.equal(after.completion_ids, before.completion_ids)
-        _same_rollout(server.client.generate(server.prompts, params), after)
-    finally:
-        server.model.load_state_dict(original)
-        server.client.load_weights(server.model.state_dict().items())
-    _same_rollout(server.client.generate(server.prompts, params), before)
+    check_load_weights(server.client, server.native, server.model, server.prompts,
+                       r"^vllm server: VLLMEngine.load_weights: .* pass the whole state dict")  # fmt: skip
 
 
 @needs_vllm

@@ -19,7 +19,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from transformers import AutoConfig
 
 from alignrl import distributed as dist
 from alignrl.data import Rows, load_rows, require_columns
@@ -120,8 +119,7 @@ def evaluate_model(
         tokenizer = tokenizer or load_tokenizer(model_path, "--model")
         # the KV cache sized for this evaluation's sequences, not the model's whole context
         episode = interaction.max_episode_tokens if interaction else max_new_tokens
-        positions = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None) or 1 << 30
-        engine = VLLMEngine(path, tokenizer, dtype=dtype, max_model_len=min(max_prompt_length + episode, positions),
+        engine = VLLMEngine(path, tokenizer, dtype=dtype, max_model_len=max_prompt_length + episode,
                             kv_cache_gib=vllm_kv_cache_gib, device=dev)  # fmt: skip
     else:
         if model is None:

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from alignrl.data import pad_batch
 from alignrl.errors import AlignRLError
@@ -131,6 +131,9 @@ class VLLMEngine:
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos[0]
         self.device = device
         self._checkpoint_names = _checkpoint_names(model)
+        if max_model_len is not None:  # (vLLM refuses a context longer than the model's positions)
+            positions = getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None)
+            max_model_len = min(max_model_len, positions) if positions else max_model_len
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             # under torchrun: one engine per rank on the job's own process group, each sampling its share
             engine_kwargs.setdefault("distributed_executor_backend", "external_launcher")

@@ -352,10 +352,9 @@ class Context:
         from alignrl.models import resolve_model_path
 
         episode = self.interaction.max_episode_tokens if self.interaction else cfg.max_completion_length
-        positions = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
         return VLLMEngine(
             resolve_model_path(cfg.model), self.tokenizer,
-            max_model_len=min(cfg.max_prompt_length + episode, positions), kv_cache_gib=cfg.vllm_kv_cache_gib,
+            max_model_len=cfg.max_prompt_length + episode, kv_cache_gib=cfg.vllm_kv_cache_gib,
             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, device=self.run.device, dtype=cfg.dtype,
         )  # fmt: skip
 
