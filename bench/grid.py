@@ -67,7 +67,8 @@ def only_filter(text: str) -> dict[str, set[str]]:
 
 
 def grid_cells(a: argparse.Namespace) -> list[dict]:
-    """The cells of the grid (model-major, so each model directory is built once) that pass --only."""
+    """The cells of the grid (model-major, so each model directory is built once) that pass one of the --only
+    filters (all cells without one)."""
     cells = []
     for model in a.models.split(","):
         for algo in a.algos.split(","):
@@ -76,7 +77,7 @@ def grid_cells(a: argparse.Namespace) -> list[dict]:
                 for prec in a.precisions.split(","):
                     for eos in modes:
                         cell = {"model": model, "algo": algo, "length": int(length), "precision": prec, "eos": eos}
-                        if all(str(cell[k]) in v for k, v in a.only.items()):
+                        if not a.only or any(all(str(cell[k]) in v for k, v in f.items()) for f in a.only):
                             cell["name"] = "_".join(str(v) for v in cell.values())
                             cells.append(cell)
     return cells
@@ -255,7 +256,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--natural", action="store_true", help="also the online algorithms with real EOS")
     keys = ", ".join(ONLY_KEYS)
-    ap.add_argument("--only", type=only_filter, default={}, help=f"e.g. algo=grpo,model=4m (keys: {keys})")
+    ap.add_argument("--only", type=only_filter, action="append", default=[],
+                    help=f"e.g. algo=grpo,model=4m (keys: {keys}); given again: the cells of either")  # fmt: skip
     ap.add_argument("--reps", type=int, default=3, help="repetitions per library (alternating)")
     ap.add_argument("--steps", type=int, default=2, help="timed steps per repetition (after warm-up)")
     ap.add_argument("--warmup", type=int, default=1)

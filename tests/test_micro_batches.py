@@ -71,6 +71,52 @@ def test_default_budget_holds_an_episode_longer_than_prompt_plus_completion():
     assert all(len(p) * int(lengths[p].max()) <= 1500 for p, _ in parts)
 
 
+def test_default_passes_hold_about_a_gib_of_the_models_activations():
+    """The default budget is lowered for models with large activations per token (many layers, a large vocabulary):
+    unchanged for the small bench models, ~280 tokens per pass for SmolLM2-135M (30 layers, vocabulary 49,152)."""
+    import torch
+    from transformers import LlamaConfig
+
+    from alignrl.data import ACTIVATION_BYTES
+
+    def holder(**sizes):
+        m = torch.nn.Module()
+        m.config = LlamaConfig(**sizes)
+        return m
+
+    cpu = torch.device("cpu")
+    small = holder(hidden_size=256, num_hidden_layers=5, intermediate_size=1024, vocab_size=100)
+    assert loop.default_pass_tokens(small, cpu) == loop.PassTokens(MICRO_BATCH_TOKENS, ONE_PASS_TOKENS)
+    smol = holder(hidden_size=576, num_hidden_layers=30, intermediate_size=1536, vocab_size=49152)
+    per_token = 4 * (6 * 30 * (576 + 1536) + 2 * 49152)
+    assert loop.activation_bytes_per_token(smol) == per_token
+    cap = ACTIVATION_BYTES // per_token
+    assert loop.default_pass_tokens(smol, cpu) == loop.PassTokens(cap, cap)
+    assert loop.default_pass_tokens(torch.nn.Linear(2, 2), cpu) == loop.PassTokens()  # no config: the constants
+    # a GRPO batch of 32 rows × 62 tokens (1984): one pass for the small model, passes of ≤ 280 tokens for SmolLM2
+    cfg = grpo.GRPOConfig(model="m", max_prompt_length=30, max_completion_length=32)
+    lengths = torch.full((32,), 62)
+    assert len(loop.rollout_micro_batches(torch.arange(32), lengths, cfg, loop.default_pass_tokens(small, cpu))) == 1
+    parts = loop.rollout_micro_batches(torch.arange(32), lengths, cfg, loop.default_pass_tokens(smol, cpu))
+    assert len(parts) == 8 and all(len(p) * 62 <= 280 for p, _ in parts)
+
+
+def test_the_trainer_takes_its_default_passes_from_the_model(tiny_model, tmp_path, passes, monkeypatch):
+    """With micro_batch_tokens unset the trainer splits by the model's activation estimate (ACTIVATION_BYTES made
+    small here, so the tiny model's batch needs several passes) and still makes the whole-batch update."""
+    cfg = _grpo_config(tiny_model, tmp_path)
+
+    grpo.train(cfg(tmp_path / "whole", "micro_batch_tokens=0"))
+    assert max(passes) == 1
+    passes.clear()
+    monkeypatch.setattr(loop, "ACTIVATION_BYTES", 0)  # a cap of one token: about a row per pass
+    grpo.train(cfg(tmp_path / "default"))
+    assert max(passes) > 8, passes
+    whole, default = _metrics(tmp_path / "whole")[-1], _metrics(tmp_path / "default")[-1]
+    for key in ("loss", "grad_norm", "kl"):
+        assert default[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-6), key
+
+
 @pytest.mark.parametrize(
     ("config", "overrides", "message"),
     [
@@ -122,7 +168,8 @@ def _same_update(tmp_path, train, make_cfg, budget, passes, keys, weights=("fina
         assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
 
 
-def test_grpo_token_budget_makes_the_whole_batch_update(tiny_model, tmp_path, passes):
+def _grpo_config(tiny_model, tmp_path):
+    """A one-step GRPO config maker (output dir, extra overrides) on sums, rewarding short completions."""
     rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(5) for b in range(5)]
     write_jsonl(tmp_path / "rl.jsonl", rows)
     (tmp_path / "r.py").write_text("def short(completions, **kw):\n    return [-float(len(c)) for c in completions]\n")
@@ -133,6 +180,12 @@ def test_grpo_token_budget_makes_the_whole_batch_update(tiny_model, tmp_path, pa
             "num_generations=4", "max_completion_length=12", "max_prompt_length=8", "max_steps=1", "beta=0.04",
             "learning_rate=1e-3", f"reward_funcs=[{tmp_path / 'r.py'}:short]", "progress_bar=false", *extra,
         ])  # fmt: skip
+
+    return cfg
+
+
+def test_grpo_token_budget_makes_the_whole_batch_update(tiny_model, tmp_path, passes):
+    cfg = _grpo_config(tiny_model, tmp_path)
 
     _same_update(tmp_path, grpo.train, cfg, 40, passes, ("loss", "grad_norm", "kl", "entropy", "clip/clipped"))
     assert 0 < _metrics(tmp_path / "whole")[-1]["truncation_rate"] < 1  # lengths differ: the split is uneven

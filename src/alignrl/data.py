@@ -173,9 +173,12 @@ def tokenize_sft(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, where:
 # up to ONE_PASS_TOKENS in all runs as one pass (a pass has a fixed cost that small work notices); larger work is
 # split into passes of at most MICRO_BATCH_TOKENS. On CPU, 1k-token passes of long batches were faster than
 # whole-batch or 2k-token passes (shorter rows trim their padding, activations stay in cache) at a third to half
-# the activation memory (bench/micro_batch.py, BENCHMARKS.md). GPUs have room for far larger passes: set it there.
+# the activation memory (bench/micro_batch.py, BENCHMARKS.md). Both are lowered for models whose activations per
+# token are large (many layers, a large vocabulary): a pass holds about ACTIVATION_BYTES of activations on CPU, an
+# eighth of the device's memory on a GPU (trainers.loop.default_pass_tokens).
 MICRO_BATCH_TOKENS = 1024
 ONE_PASS_TOKENS = 2048
+ACTIVATION_BYTES = 1 << 29
 
 
 def pad_batch(

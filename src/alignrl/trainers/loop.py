@@ -25,7 +25,7 @@ from alignrl import checkpoint, rundir, trackers
 from alignrl import distributed as dist
 from alignrl.attention import TRAIN_ATTENTION
 from alignrl.config import TrainConfig, algorithm_of, save_config
-from alignrl.data import MICRO_BATCH_TOKENS, ONE_PASS_TOKENS, split_by_tokens
+from alignrl.data import ACTIVATION_BYTES, MICRO_BATCH_TOKENS, ONE_PASS_TOKENS, split_by_tokens
 from alignrl.errors import AlignRLError
 from alignrl.mlp import use_lean_mlp
 from alignrl.models import (
@@ -62,18 +62,50 @@ def release_freed_memory() -> None:
         _MALLOC_TRIM(0)
 
 
-def token_budget(cfg: TrainConfig, longest: int) -> int:
+@dataclass(frozen=True)
+class PassTokens:
+    """The default micro-batching (`micro_batch_tokens` unset): work of up to `one_pass` padded tokens runs as one
+    pass, larger work in passes of at most `per_pass`."""
+
+    per_pass: int = MICRO_BATCH_TOKENS
+    one_pass: int = ONE_PASS_TOKENS
+
+
+def activation_bytes_per_token(model: nn.Module) -> int:
+    """Estimated float32 training activations of one token: 6·(hidden + intermediate) values per layer plus
+    2·vocab (logits, log-softmax); 0 when the model's config does not give its sizes."""
+    c = getattr(model, "config", None)
+    layers, hidden = getattr(c, "num_hidden_layers", None), getattr(c, "hidden_size", None)
+    if not isinstance(layers, int) or not isinstance(hidden, int):
+        return 0
+    inter = getattr(c, "intermediate_size", None) or 4 * hidden
+    vocab = getattr(c, "vocab_size", None) or 0
+    return 4 * (6 * layers * (hidden + inter) + 2 * vocab)
+
+
+def default_pass_tokens(model: nn.Module, device: torch.device) -> PassTokens:
+    """MICRO_BATCH_TOKENS / ONE_PASS_TOKENS, lowered so that one pass holds about ACTIVATION_BYTES of the model's
+    activations (on a GPU an eighth of its memory)."""
+    per_token = activation_bytes_per_token(model)
+    if not per_token:
+        return PassTokens()
+    room = torch.cuda.get_device_properties(device).total_memory // 8 if device.type == "cuda" else ACTIVATION_BYTES
+    cap = max(1, room // per_token)
+    return PassTokens(min(MICRO_BATCH_TOKENS, cap), min(ONE_PASS_TOKENS, cap))
+
+
+def token_budget(cfg: TrainConfig, longest: int, default: PassTokens | None = None) -> int:
     """The run's padded-token budget per forward/backward: `micro_batch_tokens` as set (0: no limit), else the
-    default raised to `longest` (the widest item the options allow) so that one item always fits."""
+    default's (`Run.pass_tokens`) raised to `longest` (the widest item of the work) so that one item fits."""
     if cfg.micro_batch_tokens is not None:
         return cfg.micro_batch_tokens
-    return max(MICRO_BATCH_TOKENS, longest)
+    return max((default or PassTokens()).per_pass, longest)
 
 
-def one_pass_tokens(cfg: TrainConfig) -> int:
-    """Work of up to this many padded tokens runs as one pass: ONE_PASS_TOKENS with the default budget, none (0)
-    when `micro_batch_tokens` is set (then it is the limit of every pass)."""
-    return ONE_PASS_TOKENS if cfg.micro_batch_tokens is None else 0
+def one_pass_tokens(cfg: TrainConfig, default: PassTokens | None = None) -> int:
+    """Work of up to this many padded tokens runs as one pass: the default's (`Run.pass_tokens`) with
+    `micro_batch_tokens` unset, none (0) when it is set (then it is the limit of every pass)."""
+    return (default or PassTokens()).one_pass if cfg.micro_batch_tokens is None else 0
 
 
 def check_token_budget(cfg: TrainConfig, longest: int, what: str) -> None:
@@ -110,15 +142,17 @@ def local_parts(
     return parts
 
 
-def rollout_micro_batches(rows: torch.Tensor, lengths: torch.Tensor, cfg: Any) -> list[tuple[torch.Tensor, float]]:
+def rollout_micro_batches(
+    rows: torch.Tensor, lengths: torch.Tensor, cfg: Any, default: PassTokens | None = None
+) -> list[tuple[torch.Tensor, float]]:
     """Rollout `rows` (batch row indices, `lengths` their widths in tokens) in micro-batches of similar lengths:
     of `cfg.micro_batch_size` rows if set, else within the token budget; each with its loss weight. A micro-batch
-    a rank lacks (torchrun: fewer than another rank's) runs batch row 0 with weight 0. The default budget holds
-    the longest row (a multi-turn episode can be longer than prompt + one completion)."""
+    a rank lacks (torchrun: fewer than another rank's) runs batch row 0 with weight 0. The default budget is raised
+    to the longest row (a multi-turn episode can be longer than prompt + one completion)."""
     size = cfg.micro_batch_size
-    longest = max(cfg.max_prompt_length + cfg.max_completion_length, int(lengths.max()) if len(lengths) else 0)
-    parts = token_micro_batches(lengths.tolist(), 0 if size else token_budget(cfg, longest), size,
-                                one_pass=0 if size else one_pass_tokens(cfg))  # fmt: skip
+    longest = int(lengths.max()) if len(lengths) else 0
+    parts = token_micro_batches(lengths.tolist(), 0 if size else token_budget(cfg, longest, default), size,
+                                one_pass=0 if size else one_pass_tokens(cfg, default))  # fmt: skip
     dummy = torch.zeros(1, dtype=torch.long, device=rows.device)
     return [(rows[torch.tensor(p, dtype=torch.long, device=rows.device)], 1.0) if p else (dummy, 0.0) for p in parts]
 
@@ -150,6 +184,7 @@ class Run:
     policy: nn.Module | None = None  # the model wrapped for log-probs (DDP / FSDP / plain), set by wrap_policy
     algorithm: str = "train"  # recorded in checkpoints and alignrl_run.json; resume refuses another one
     no_reward_in_a_row: int = 0  # consecutive steps where no sample got a reward (all None/NaN)
+    pass_tokens: PassTokens = field(default_factory=PassTokens)  # the default micro-batching, set by register
 
     def register(self, model: nn.Module, tokenizer: Any = None, **components: Any) -> int:
         """Track what a checkpoint holds (objects with state_dict/load_state_dict, by name) and, when resuming,
@@ -158,6 +193,7 @@ class Run:
             if not (callable(getattr(c, "state_dict", None)) and callable(getattr(c, "load_state_dict", None))):
                 raise TypeError(f"checkpoint component {name!r} has no state_dict/load_state_dict")
         self.model, self.tokenizer, self.components = model, tokenizer, components
+        self.pass_tokens = default_pass_tokens(model, self.device)
         self.metrics.start_bar()
         if self.resume_from is None:
             return 1

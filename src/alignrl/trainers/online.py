@@ -369,7 +369,7 @@ class Context:
             dist.barrier()
 
 
-def build_batch(scored: ScoredRollout, cfg: OnlineConfig) -> RolloutBatch:
+def build_batch(scored: ScoredRollout, cfg: OnlineConfig, pass_tokens: loop.PassTokens) -> RolloutBatch:
     """The rollout batch of this process's scored samples; the one place that gathers from other processes."""
     ro = scored.rollout
     n = ro.completion_ids.shape[0]
@@ -390,14 +390,16 @@ def build_batch(scored: ScoredRollout, cfg: OnlineConfig) -> RolloutBatch:
         offset=offset,
         global_sum=dist.all_reduce if distributed else None,
     )
-    batch.parts = micro_batches(batch, torch.arange(n, device=batch.input_ids.device), cfg)
+    batch.parts = micro_batches(batch, torch.arange(n, device=batch.input_ids.device), cfg, pass_tokens)
     return batch
 
 
-def micro_batches(batch: RolloutBatch, rows: Tensor, cfg: OnlineConfig) -> list[tuple[Tensor, float]]:
+def micro_batches(
+    batch: RolloutBatch, rows: Tensor, cfg: OnlineConfig, pass_tokens: loop.PassTokens
+) -> list[tuple[Tensor, float]]:
     """`rows` in micro-batches of similar lengths within the token budget (or micro_batch_size), with weights."""
     lengths = batch.prompt_len + batch.attention_mask[rows, batch.prompt_len :].sum(1)
-    return loop.rollout_micro_batches(rows, lengths, cfg)
+    return loop.rollout_micro_batches(rows, lengths, cfg, pass_tokens)
 
 
 def pass_logprobs(ctx: Context, batch: RolloutBatch, model: nn.Module, adapter_off: bool = False) -> Tensor:
@@ -467,7 +469,7 @@ def update(
             else:
                 glob = order[k * size : (k + 1) * size] if algo.shuffle else torch.arange(k * size, (k + 1) * size)
                 local = (glob[(glob >= lo) & (glob < lo + n)] - lo).to(whole.device)  # this process's rows of it
-                micro = micro_batches(batch, local, cfg)
+                micro = micro_batches(batch, local, cfg, ctx.run.pass_tokens)
             norms = Norms(
                 num_tokens=batch.total(batch.loss_mask[local].sum()).clamp(min=1),
                 num_seqs=batch.total(len(local)),
@@ -613,7 +615,7 @@ def train(cfg: OnlineConfig, algo: OnlineAlgorithm) -> Path:
                 run.metrics.log(step, {**metrics, "skipped_step": 1.0})
                 run.end_step(step)
                 continue
-            batch = build_batch(scored, cfg)
+            batch = build_batch(scored, cfg, run.pass_tokens)
             if cfg.rollout_correction != "none" or cfg.rollout_engine != "native":
                 with timer("old_logprobs"):
                     metrics.update(correct_rollout(ctx, batch))
@@ -622,6 +624,8 @@ def train(cfg: OnlineConfig, algo: OnlineAlgorithm) -> Path:
                     reference_pass(ctx, algo, batch)
             algo.prepare(batch, timer)
             seed = (cfg.seed * 1_000_003 + getattr(stream, "consumed", step)) * 1_000_003
+            with timer("release_memory"):
+                loop.release_freed_memory()  # sampling's packed weights and KV cache, before the activations
             with timer("update"):
                 stats, upd = update(ctx, algo, batch, opt, sched, seed)
             metrics.update(upd)

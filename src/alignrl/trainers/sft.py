@@ -121,7 +121,8 @@ def train(cfg: SFTConfig) -> Path:
         n_total = sum(sum(sum(e.loss_mask[1:]) for e in b) for b in micro)
         metrics = offline.accumulated_update(
             policy, model, micro, part_loss, count=n_total, width=lambda e: len(e.input_ids),
-            budget=loop.token_budget(cfg, cfg.max_length), one_pass=loop.one_pass_tokens(cfg), rows_per_item=1,
+            budget=loop.token_budget(cfg, max(len(e.input_ids) for b in micro for e in b), run.pass_tokens),
+            one_pass=loop.one_pass_tokens(cfg, run.pass_tokens), rows_per_item=1,
             keys=["loss"], opt=opt, sched=sched, cfg=cfg, run=run,
         )  # fmt: skip
         return {"loss": metrics.pop("loss"), "tokens": n_total, **metrics}
