@@ -228,3 +228,16 @@ def test_dpo_token_budget_makes_the_whole_batch_update(tiny_model, tmp_path, pas
 def test_rm_token_budget_makes_the_whole_batch_update(tiny_model, tmp_path, passes):
     cfg = _pair_cfg(rm.RMConfig, tiny_model, tmp_path, "batch_size=16", "center_rewards_coefficient=0.01")
     _same_update(tmp_path, rm.train, cfg, 64, passes, ("loss", "grad_norm", "accuracy"))
+
+
+def test_no_grad_passes_hold_at_most_one_pass_of_tokens():
+    """Reference and evaluation passes (no grad) take at most eval_batch_size items and ONE_PASS_TOKENS padded
+    tokens, one item at least: long pairs no longer run 32 at a time."""
+    from alignrl.trainers import offline
+
+    widths = [600] * 10 + [100] * 30 + [3000]
+    batches = list(offline.no_grad_batches(widths, lambda w: w, 32, rows_per_item=2))
+    assert sorted(w for b in batches for w in b) == sorted(widths)
+    assert all(len(b) <= 32 and (len(b) == 1 or 2 * len(b) * max(b) <= ONE_PASS_TOKENS) for b in batches)
+    assert [len(b) for b in batches][-2:] == [1, 1]  # 2 × 600 and 2 × 3000 tokens: one pair each
+    assert [len(b) for b in offline.no_grad_batches([10] * 70, lambda w: w, 32)] == [32, 32, 6]

@@ -88,18 +88,12 @@ def pair_logps(
     return seq[: len(batch)], seq[len(batch) :]
 
 
-def _in_batches(examples: list[PreferenceExample], size: int) -> Iterator[list[PreferenceExample]]:
-    order = sorted(range(len(examples)), key=lambda i: examples[i].length)
-    for s in range(0, len(order), size):
-        yield [examples[i] for i in order[s : s + size]]
-
-
 @torch.no_grad()
 def cache_reference_logps(model: nn.Module, examples: list[PreferenceExample], pad_id: int, device, cfg) -> None:
     """One no-grad pass of the reference over the data; results are stored on the examples."""
     was = model.training
     model.eval()
-    for b in _in_batches(examples, cfg.eval_batch_size):
+    for b in offline.no_grad_batches(examples, lambda e: e.length, cfg.eval_batch_size, 2):
         part, w = dist.local_part(b)  # each rank scores its share; the values are gathered in batch order
         with loop.autocast(cfg, device):
             rc, rr = pair_logps(model, part, pad_id, device, cfg.logprob_chunk_tokens)
@@ -152,7 +146,7 @@ def evaluate_pairs(model: nn.Module, examples: list[PreferenceExample], pad_id: 
     was = model.training
     model.eval()
     acc: dict[str, float] = {}
-    for b in _in_batches(examples, cfg.eval_batch_size):
+    for b in offline.no_grad_batches(examples, lambda e: e.length, cfg.eval_batch_size, 2):
         part, w = dist.local_part(b)
         with loop.autocast(cfg, device):
             pc, pr = pair_logps(model, part, pad_id, device, cfg.logprob_chunk_tokens)

@@ -16,12 +16,25 @@ from torch import nn
 
 from alignrl import distributed as dist
 from alignrl.config import TrainConfig
+from alignrl.data import ONE_PASS_TOKENS, split_by_tokens
 from alignrl.trainers import loop
 
 T = TypeVar("T")
 
 # a part of a batch -> (loss summed over its items, sums of the statistics to log)
 PartLoss = Callable[[list[T]], tuple[torch.Tensor, dict[str, float]]]
+
+
+def no_grad_batches(
+    examples: Sequence[T], width: Callable[[T], int], size: int, rows_per_item: int = 1
+) -> Iterator[list[T]]:
+    """`examples` by width in no-grad batches (reference pass, evaluation) of at most `size` items and
+    ONE_PASS_TOKENS padded tokens (one item at least): attention over long sequences would otherwise hold
+    rows × length² scores per layer. The same batches on every process."""
+    widest = ONE_PASS_TOKENS // rows_per_item  # a wider item runs alone
+    widths = [min(width(e), widest) for e in examples]
+    for idx in split_by_tokens(widths, rows_per_item * widest, max_items=size, rows_per_item=rows_per_item):
+        yield [examples[i] for i in idx]
 
 
 def accumulated_update(

@@ -23,7 +23,7 @@ from alignrl.data import PreferenceExample, pad_batch
 from alignrl.errors import AlignRLError
 from alignrl.models import disable_dropout, enable_activation_checkpointing
 from alignrl.rewards.reward_model import load_reward_model, reward_scores, rm_add_eos
-from alignrl.trainers import loop
+from alignrl.trainers import loop, offline
 from alignrl.trainers.dpo import load_pairs, train_pairs
 
 
@@ -86,9 +86,8 @@ def evaluate_pairs(model: nn.Module, examples: list[PreferenceExample], pad_id: 
     was = model.training
     model.eval()
     acc: dict[str, float] = {}
-    order = sorted(range(len(examples)), key=lambda i: examples[i].length)
-    for s in range(0, len(order), cfg.eval_batch_size):
-        b, w = dist.local_part([examples[i] for i in order[s : s + cfg.eval_batch_size]])
+    for batch in offline.no_grad_batches(examples, lambda e: e.length, cfg.eval_batch_size, 2):
+        b, w = dist.local_part(batch)
         with loop.autocast(cfg, device):
             rc, rr = pair_rewards(model, b, pad_id, device)
         if w:

@@ -70,9 +70,8 @@ def eval_loss(model: nn.Module, examples: list[SFTExample], pad_id: int, device,
     was = model.training
     model.eval()
     total, count = 0.0, 0
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    for s in range(0, len(order), cfg.eval_batch_size):
-        part, w = dist.local_part([examples[i] for i in order[s : s + cfg.eval_batch_size]])
+    for batch in offline.no_grad_batches(examples, lambda e: len(e.input_ids), cfg.eval_batch_size):
+        part, w = dist.local_part(batch)
         loss, n = nll_sum(model, part, pad_id, device, cfg)
         total, count = total + w * float(loss), count + int(w) * n
     model.train(was)
