@@ -101,6 +101,18 @@ def test_default_passes_hold_about_a_gib_of_the_models_activations():
     assert len(parts) == 8 and all(len(p) * 62 <= 280 for p, _ in parts)
 
 
+def test_models_without_an_lm_head_count_no_vocabulary_activations():
+    """A reward (sequence-classification) model never computes vocabulary logits: its estimate leaves out 2·vocab,
+    so SmolLM2's reward model gets ~1.2× SmolLM2's causal-LM pass (not its 280 tokens)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    sizes = dict(hidden_size=16, num_hidden_layers=2, intermediate_size=32, num_attention_heads=2, vocab_size=5000)
+    config = LlamaConfig(**sizes, num_labels=1, pad_token_id=0)
+    body = 4 * 6 * 2 * (16 + 32)
+    assert loop.activation_bytes_per_token(LlamaForCausalLM(config)) == body + 4 * 2 * 5000
+    assert loop.activation_bytes_per_token(LlamaForSequenceClassification(config)) == body
+
+
 def test_the_trainer_takes_its_default_passes_from_the_model(tiny_model, tmp_path, passes, monkeypatch):
     """With micro_batch_tokens unset the trainer splits by the model's activation estimate (ACTIVATION_BYTES made
     small here, so the tiny model's batch needs several passes) and still makes the whole-batch update."""

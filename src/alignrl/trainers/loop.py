@@ -73,13 +73,15 @@ class PassTokens:
 
 def activation_bytes_per_token(model: nn.Module) -> int:
     """Estimated float32 training activations of one token: 6·(hidden + intermediate) values per layer plus
-    2·vocab (logits, log-softmax); 0 when the model's config does not give its sizes."""
+    2·vocab (logits, log-softmax) when the model has an LM head; 0 when the model's config does not give its sizes."""
     c = getattr(model, "config", None)
     layers, hidden = getattr(c, "num_hidden_layers", None), getattr(c, "hidden_size", None)
     if not isinstance(layers, int) or not isinstance(hidden, int):
         return 0
     inter = getattr(c, "intermediate_size", None) or 4 * hidden
-    vocab = getattr(c, "vocab_size", None) or 0
+    head = getattr(model, "get_output_embeddings", None)
+    # sequence-classification (reward, value) models return None here: they never compute vocabulary logits
+    vocab = (getattr(c, "vocab_size", None) or 0) if head is None or head() is not None else 0
     return 4 * (6 * layers * (hidden + inter) + 2 * vocab)
 
 
