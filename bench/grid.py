@@ -7,10 +7,12 @@
 Cells: model (1m, 4m, 30m: bench.setup Llamas; smollm2: SmolLM2-135M-Instruct full fine-tune; smollm2-lora: the
 same with LoRA r 16 on q/k/v/o) × algorithm (grpo, dpo, sft, rm, ppo) × completion length (8, 32, 128, 512) ×
 precision (fp32, bf16 autocast), plus with --natural the online algorithms with real EOS (lengths up to L, the
-mean recorded per side). Forced-length cells sample from a copy of the model whose EOS id lies outside its
-vocabulary (bench.setup.build_model), so both libraries generate exactly L tokens. alignrl runs with its
-defaults (micro-batches by micro_batch_tokens); TRL with the settings of bench/worker.py. Offline algorithms train
-on 16 prompt tokens + L response tokens (+ EOS).
+mean recorded per side). In natural cells SmolLM2-Instruct gets the arithmetic questions as conversations, a task
+it was trained for, and ends its answers itself; the random-weight bench models stop at their untrained EOS rate.
+Forced-length cells sample from a copy of the model whose EOS id lies outside its vocabulary
+(bench.setup.build_model), so both libraries generate exactly L tokens. alignrl runs with its defaults
+(micro-batches by micro_batch_tokens); TRL with the settings of bench/worker.py. Offline algorithms train on 16
+prompt tokens + L response tokens (+ EOS).
 
 Each workload runs in its own subprocess (bench.worker: clean peak RSS), the libraries alternating; a cell runs
 --reps repetitions of --warmup + --steps steps each, fewer when its first repetition shows that the rest would
@@ -36,7 +38,7 @@ from importlib import metadata
 from pathlib import Path
 
 from bench.compare import alternate, lib_summary, matmul_flops, model_params, run_worker
-from bench.setup import PRETRAINED, build_model, write_pairs, write_prompts, write_sft
+from bench.setup import PRETRAINED, build_model, write_chat_prompts, write_pairs, write_prompts, write_sft
 from bench.worker import RUNNERS
 
 MODELS = ("1m", "4m", "30m", "smollm2", "smollm2-lora")
@@ -118,7 +120,9 @@ def prompt_tokens(model: Path, prompts: Path) -> float:
 
     tok = load_tokenizer(str(model))
     rows = [json.loads(line)["prompt"] for line in prompts.read_text().splitlines()]
-    return sum(len(tok(p, add_special_tokens=False).input_ids) for p in rows) / len(rows)
+    texts = [p if isinstance(p, str) else tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+             for p in rows]  # fmt: skip
+    return sum(len(tok(t, add_special_tokens=False).input_ids) for t in texts) / len(texts)
 
 
 class Grid:
@@ -127,16 +131,17 @@ class Grid:
     def __init__(self, a: argparse.Namespace, out: Path, libs: list[str], results: dict):
         self.a, self.out, self.libs, self.results = a, out, libs, results
         self.shape = results["shapes"]
-        self.prompts = write_prompts(out)
+        self.prompts, self.chat_prompts = write_prompts(out), write_chat_prompts(out)
 
     def model_dir(self, cell: dict) -> Path:
         base = cell["model"].removesuffix("-lora")
         return build_model(self.out, base, never_eos=cell["eos"] == "forced")
 
     def data(self, cell: dict) -> Path:
-        if cell["algo"] in ONLINE:
-            return self.prompts
         base = cell["model"].removesuffix("-lora")
+        if cell["algo"] in ONLINE:
+            # natural lengths on a trained task: the instruction-tuned model answers the questions in its chat format
+            return self.chat_prompts if cell["eos"] == "natural" and base in PRETRAINED else self.prompts
         tok = None
         if base in PRETRAINED:
             from alignrl.models import load_tokenizer
@@ -195,7 +200,7 @@ def summarize(grid: Grid, cell: dict, runs: dict[str, list[dict]]) -> dict:
         row["ratio_peak_rss"] = row["alignrl"]["peak_rss_mib"] / row["trl"]["peak_rss_mib"]
     if "decode_tok_s" in row.get("alignrl", {}):
         a = row["alignrl"]
-        context = prompt_tokens(grid.model_dir(cell), grid.prompts) + a["completion_length"] / 2
+        context = prompt_tokens(grid.model_dir(cell), grid.data(cell)) + a["completion_length"] / 2
         prec = cell["precision"]
         row["decode"] = decode_roofline(grid.model_dir(cell), rows, context, prec, grid.results["matmul_flops"][prec],
                                         grid.results["copy_bandwidth"])  # fmt: skip

@@ -66,6 +66,21 @@ def write_prompts(root: Path, n: int = 64, seed: int = 0) -> Path:
     return path
 
 
+def write_chat_prompts(root: Path, n: int = 64, seed: int = 0) -> Path:
+    """The arithmetic questions of `write_prompts` as one-turn conversations (TRL's conversational `prompt`
+    column): an instruction-tuned model answers them and stops at its own end-of-turn token."""
+    path = root / "prompts_chat.jsonl"
+    if path.is_file():
+        return path
+    rng = random.Random(seed)
+    rows = [
+        {"prompt": [{"role": "user", "content": f"What is {rng.randint(100, 999)} + {rng.randint(100, 999)}?"}]}
+        for _ in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def word_pieces(tokenizer) -> list[str]:
     """Strings that are one token each and stay one token each when concatenated: ' word' tokens of a
     byte-level BPE vocabulary (its pre-tokenizer splits text before every space)."""

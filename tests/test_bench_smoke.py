@@ -81,3 +81,19 @@ def test_grid_only_filter():
     ]
     assert {c["eos"] for c in grid_cells(parse_args(["--only", "algo=sft"]))} == {"-"}
     assert len(grid_cells(parse_args([]))) == 5 * 5 * 4 * 2
+
+
+def test_natural_cells_of_a_pretrained_model_ask_in_its_chat_format(tmp_path):
+    """Natural lengths on a trained task: SmolLM2-Instruct's natural GRPO/PPO cells get the arithmetic questions as
+    conversations (it answers and ends its turn); forced cells and the random bench models keep plain prompts."""
+    import json
+
+    from bench.grid import Grid, grid_cells, parse_args
+
+    a = parse_args(["--natural", "--only", "algo=grpo,length=128,precision=fp32"])
+    grid = Grid(a, tmp_path, ["alignrl"], {"shapes": {}})
+    data = {(c["model"], c["eos"]): grid.data(c) for c in grid_cells(a)}
+    assert data[("smollm2", "natural")] == data[("smollm2-lora", "natural")] == grid.chat_prompts
+    assert {data[k] for k in data if k[0].endswith("m") or k[1] == "forced"} == {grid.prompts}
+    row = json.loads(grid.chat_prompts.read_text().splitlines()[0])
+    assert row["prompt"][0]["role"] == "user" and "+" in row["prompt"][0]["content"]
