@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from alignrl.models import init_model, load_tokenizer
@@ -55,30 +56,26 @@ def build_model(root: Path, size: str, never_eos: bool = True) -> Path:
     return out
 
 
-def write_prompts(root: Path, n: int = 64, seed: int = 0) -> Path:
-    """Arithmetic prompts of equal length (12 characters), one JSONL row each with a `prompt` column."""
-    path = root / "prompts.jsonl"
+def _write_sums(path: Path, n: int, seed: int, row: Callable[[int, int], dict]) -> Path:
+    """`path` with one JSONL row per sum of two random 3-digit numbers (the same sums for the same n and seed)."""
     if path.is_file():
         return path
     rng = random.Random(seed)
-    rows = [{"prompt": f"{rng.randint(100, 999)}+{rng.randint(100, 999)}=? a:"} for _ in range(n)]
+    rows = [row(rng.randint(100, 999), rng.randint(100, 999)) for _ in range(n)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def write_prompts(root: Path, n: int = 64, seed: int = 0) -> Path:
+    """Arithmetic prompts of equal length (12 characters), one JSONL row each with a `prompt` column."""
+    return _write_sums(root / "prompts.jsonl", n, seed, lambda a, b: {"prompt": f"{a}+{b}=? a:"})
 
 
 def write_chat_prompts(root: Path, n: int = 64, seed: int = 0) -> Path:
     """The arithmetic questions of `write_prompts` as one-turn conversations (TRL's conversational `prompt`
     column): an instruction-tuned model answers them and stops at its own end-of-turn token."""
-    path = root / "prompts_chat.jsonl"
-    if path.is_file():
-        return path
-    rng = random.Random(seed)
-    rows = [
-        {"prompt": [{"role": "user", "content": f"What is {rng.randint(100, 999)} + {rng.randint(100, 999)}?"}]}
-        for _ in range(n)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return _write_sums(root / "prompts_chat.jsonl", n, seed,
+                       lambda a, b: {"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}]})  # fmt: skip
 
 
 def word_pieces(tokenizer) -> list[str]:

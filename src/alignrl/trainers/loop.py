@@ -79,9 +79,10 @@ def activation_bytes_per_token(model: nn.Module) -> int:
     if not isinstance(layers, int) or not isinstance(hidden, int):
         return 0
     inter = getattr(c, "intermediate_size", None) or 4 * hidden
-    head = getattr(model, "get_output_embeddings", None)
+    output_embeddings = getattr(model, "get_output_embeddings", None)
     # sequence-classification (reward, value) models return None here: they never compute vocabulary logits
-    vocab = (getattr(c, "vocab_size", None) or 0) if head is None or head() is not None else 0
+    has_lm_head = output_embeddings is None or output_embeddings() is not None
+    vocab = (getattr(c, "vocab_size", None) or 0) if has_lm_head else 0
     return 4 * (6 * layers * (hidden + inter) + 2 * vocab)
 
 
