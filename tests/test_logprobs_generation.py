@@ -238,6 +238,37 @@ def test_fast_decode_equals_model_forward(monkeypatch, arch, autocast, padded):
         torch.testing.assert_close(lp, fast.logprobs, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+@pytest.mark.parametrize("padded", [True, False])
+def test_fast_decode_drops_finished_rows_and_samples_the_same(monkeypatch, autocast, padded):
+    """Rows that emitted EOS leave the fused decoder's batch (with their KV cache) once they are a quarter of it:
+    fewer rows are stepped than the batch at every token, and every row gets the tokens and log-probs the
+    model's own forward (which steps the whole batch) samples for it with the same seeds."""
+    import alignrl.decode as d
+
+    model = _tiny("llama")
+    torch.manual_seed(1)
+    seqs = [torch.randint(1, 50, (int(n),)).tolist() for n in torch.randint(2, 7, (16,))]
+    if not padded:
+        seqs = [s[:2] for s in seqs]
+    ids, mask = pad_batch(seqs, 0, left=True)
+    params = SamplingParams(24, temperature=1.0, autocast=autocast)
+    eos = [7, 11, 23, 31]  # frequent enough that rows end at different tokens
+    rows = []
+    real_step = d.FastDecoder.step
+    monkeypatch.setattr(d.FastDecoder, "step", lambda self, tok, *a: rows.append(len(tok)) or real_step(self, tok, *a))
+    fast = generate(model, ids, mask, params, eos, 0, seeds=range(16))
+    monkeypatch.setattr(d.FastDecoder, "build", staticmethod(lambda *a: None))
+    slow = generate(model, ids, mask, params, eos, 0, seeds=range(16))
+    ends = slow.completion_mask.sum(-1)
+    assert ends.min() < ends.max() and not slow.truncated.all()  # the rows really end apart
+    assert rows[-1] < 16 and sum(rows) < 16 * len(rows)
+    assert rows == sorted(rows, reverse=True)
+    assert torch.equal(fast.completion_ids, slow.completion_ids)
+    assert torch.equal(fast.completion_mask, slow.completion_mask)
+    torch.testing.assert_close(fast.logprobs, slow.logprobs, atol=1e-5 if autocast is None else 1e-3, rtol=0)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_generation_passes_the_kv_cache_under_the_current_keyword(monkeypatch, arch):
     """transformers 5.24 renamed `past_key_values` to `cache` (the old name warns, and goes in 5.40): both decode

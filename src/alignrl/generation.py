@@ -115,7 +115,8 @@ def generate(
     static KV cache was measured slower on CPU: attention then spans the whole buffer; the cache here is
     preallocated but attention reads only its filled part, see `_PreallocatedLayer` and BENCHMARKS.md.)
     Llama-family models decode through `alignrl.decode.FastDecoder` (the same function in fewer ops, with
-    pre-packed weights); other models step through their own forward.
+    pre-packed weights), dropping finished rows from the batch (and their KV cache) whenever they are a quarter
+    of it; other models step through their own forward.
     """
     was_training = model.training
     model.eval()
@@ -264,6 +265,13 @@ def _cache_kwarg(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
 
 
+def _keep_rows(buf: torch.Tensor, keep: torch.Tensor, length: int) -> torch.Tensor:
+    """A KV buffer [B, H, capacity, D] narrowed to the rows `keep`, its first `length` positions copied."""
+    out = buf.new_empty((len(keep), *buf.shape[1:]))
+    out[:, :, :length] = buf[:, :, :length].index_select(0, keep)
+    return out
+
+
 def _sample_loop(
     model, prompt_ids, prompt_mask, params: SamplingParams, eos_token_ids, pad_token_id, u, kv_dtype, fast
 ):
@@ -289,25 +297,39 @@ def _sample_loop(
     )
     next_pos = positions[:, -1:] + 1
     logits = out.logits[:, -1]
+    u_live = u
     if fast is not None:  # the decode steps as plain tensor ops on the cache the prefill filled
         cos, sin = fast.rope(next_pos + torch.arange(N, device=device))
         kv = [(layer._k, layer._v) for layer in cache.layers]  # type: ignore[attr-defined]
+        cache.layers.clear()  # `kv` holds the buffers alone, so compacting them frees the full-width ones
         if padded:  # additive padding mask over the whole cache, sliced per step
             neg = torch.zeros((batch, 1, 1, P + N), dtype=kv[0][0].dtype, device=device)
             neg.masked_fill_(~attn.bool()[:, None, None], float("-inf"))
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    live = torch.arange(batch, device=device)  # the batch row of each row still decoding
+    done = torch.zeros(batch, dtype=torch.bool, device=device)  # over the live rows
     n = 0
     for step in range(N):
-        tok, logp = _sample(logits.float(), params, None if u is None else u[:, step])
-        tokens[:, step] = tok.masked_fill(done, pad_token_id)
-        logps[:, step] = logp.masked_fill(done, 0.0)
+        tok, logp = _sample(logits.float(), params, None if u_live is None else u_live[:, step])
+        tok = tok.masked_fill(done, pad_token_id)
+        if len(live) == batch:
+            tokens[:, step], logps[:, step] = tok, logp.masked_fill(done, 0.0)
+        else:
+            tokens[live, step], logps[live, step] = tok, logp.masked_fill(done, 0.0)
         n = step + 1
-        done = done | torch.isin(tokens[:, step], eos)
+        done = done | torch.isin(tok, eos)
         if step == N - 1 or bool(done.all()):
             break
         if fast is not None:
+            finished = int(done.sum())
+            if finished and 4 * finished >= len(live):  # drop finished rows once they are a quarter of the batch
+                keep = (~done).nonzero().squeeze(1)
+                live, done, tok = live[keep], done[keep], tok[keep]
+                kv = [(_keep_rows(k, keep, P + step), _keep_rows(v, keep, P + step)) for k, v in kv]
+                cos, sin = cos[keep], sin[keep]
+                neg = neg[keep] if padded else None
+                u_live = None if u_live is None else u_live[keep]
             mask = neg[..., : P + step + 1] if padded else None
-            logits = fast.step(tokens[:, step], cos[:, step], sin[:, step], kv, P + step, mask)
+            logits = fast.step(tok, cos[:, step], sin[:, step], kv, P + step, mask)
             continue
         out = model(
             input_ids=tokens[:, step : step + 1],
