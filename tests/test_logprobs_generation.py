@@ -262,8 +262,7 @@ def test_fast_decode_drops_finished_rows_and_samples_the_same(monkeypatch, autoc
     slow = generate(model, ids, mask, params, eos, 0, seeds=range(16))
     ends = slow.completion_mask.sum(-1)
     assert ends.min() < ends.max() and not slow.truncated.all()  # the rows really end apart
-    assert rows[-1] < 16 and sum(rows) < 16 * len(rows)
-    assert rows == sorted(rows, reverse=True)
+    assert len(set(rows)) >= 3  # compacted twice: the second time, kept rows are not the batch's own indices
     assert torch.equal(fast.completion_ids, slow.completion_ids)
     assert torch.equal(fast.completion_mask, slow.completion_mask)
     torch.testing.assert_close(fast.logprobs, slow.logprobs, atol=1e-5 if autocast is None else 1e-3, rtol=0)

@@ -324,7 +324,8 @@ def _sample_loop(
             if finished and 4 * finished >= len(live):  # drop finished rows once they are a quarter of the batch
                 keep = (~done).nonzero().squeeze(1)
                 live, done, tok = live[keep], done[keep], tok[keep]
-                kv = [(_keep_rows(k, keep, P + step), _keep_rows(v, keep, P + step)) for k, v in kv]
+                for i, (k, v) in enumerate(kv):  # layer by layer: each full-width pair is freed as it is replaced
+                    kv[i] = (_keep_rows(k, keep, P + step), _keep_rows(v, keep, P + step))
                 cos, sin = cos[keep], sin[keep]
                 neg = neg[keep] if padded else None
                 u_live = None if u_live is None else u_live[keep]
