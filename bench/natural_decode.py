@@ -24,7 +24,7 @@ from alignrl.data import pad_batch
 from alignrl.generation import SamplingParams, generate
 from alignrl.models import load_causal_lm, load_tokenizer
 from alignrl.pretrained import smollm2
-from alignrl.rollout import eos_ids
+from alignrl.rollout import encode_prompts, eos_ids
 from bench.setup import write_chat_prompts
 
 
@@ -40,8 +40,8 @@ def main() -> None:
     model = load_causal_lm(path)
     with tempfile.TemporaryDirectory() as tmp:
         rows = [json.loads(line) for line in write_chat_prompts(Path(tmp)).read_text().splitlines()]
-    texts = [tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False) for r in rows]
-    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts[: args.prompts]]
+    rows = rows[: args.prompts]
+    ids = encode_prompts(rows, tok, max_prompt_length=10**6, wheres=[f"prompt {i}" for i in range(len(rows))])
     seqs = [i for i in ids for _ in range(args.group)]
     pad = tok.pad_token_id or 0
     prompt_ids, prompt_mask = pad_batch(seqs, pad, left=True)
