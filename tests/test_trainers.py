@@ -202,34 +202,41 @@ def test_init_model_cli(tmp_path, capsys):
     assert "divisible" in capsys.readouterr().err
 
 
-def test_release_freed_memory_returns_heap_pages_to_the_os():
-    """After many small tensors are freed, glibc keeps their pages; `release_freed_memory` hands them back (RSS
-    drops by most of the 192 MiB). Run in a fresh interpreter so the test process's own heap does not interfere."""
+def test_hold_freed_memory_reuses_freed_pages_and_hands_them_back_when_off():
+    """glibc's default maps a large tensor afresh at every allocation (a page fault per 4 KiB page); with freed
+    memory held, a tensor freed and allocated again reuses the same pages (almost no faults); turned off, the held
+    pages go back to the OS. In a fresh interpreter, so the test process's own heap does not interfere."""
     import subprocess
     import sys
 
     from alignrl.trainers import loop
 
-    if loop._MALLOC_TRIM is None:
+    if loop._GLIBC is None:
         pytest.skip("not glibc")
     code = """
-import torch
+import resource, torch
 from alignrl.trainers import loop
 def rss():
     return int([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1]) // 1024
-keep = []
-chunks = [torch.ones(16 * 1024) for _ in range(3072)]  # 3072 × 64 KiB: below the mmap threshold, on the heap
-for i, c in enumerate(chunks):
-    if i % 64 == 63:
-        keep.append(c)  # a few survivors scattered through the heap: no plain top-of-heap trim
-del chunks, c
+def faults_of_a_new_tensor():
+    x = torch.empty(2**24); x.fill_(1.0); del x  # 64 MiB: above glibc's mmap threshold
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    y = torch.empty(2**24); y.fill_(1.0); del y
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+default = faults_of_a_new_tensor()
+loop.hold_freed_memory()
+faults_of_a_new_tensor()  # the heap grows to hold the pair (a small allocation may sit where the first was)
+held = faults_of_a_new_tensor()
 before = rss()
-loop.release_freed_memory()
-print(before, rss())
+loop.hold_freed_memory(False)
+print(default, held, before - rss(), faults_of_a_new_tensor())
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    before, after = int(out[0]), int(out[1])
-    assert before - after > 120, (before, after)
+    default, held, handed_back, default_again = (int(v) for v in out)
+    pages = 2**26 // 4096
+    assert default > 0.9 * pages and default_again > 0.9 * pages, (default, default_again)
+    assert held < 0.02 * pages, held
+    assert handed_back > 48, handed_back  # MiB
 
 
 def test_grpo_micro_batches_of_trimmed_similar_lengths_make_the_whole_batch_update(tiny_model, tmp_path):

@@ -45,21 +45,34 @@ from alignrl.rewards import RewardFunctions
 T = TypeVar("T")
 
 
-def _malloc_trim() -> Any:
+def _glibc() -> Any:
     try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to hand back this way
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): the allocator's own policy stays
         return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
-_MALLOC_TRIM = _malloc_trim()
+_GLIBC = _glibc()
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters (malloc.h), and glibc's defaults for them below
+_GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
 
 
-def release_freed_memory() -> None:
-    """Hand the heap pages freed by the last phase back to the OS (glibc `malloc_trim`), so that sampling's KV
-    cache does not stack on the update's freed activations that the allocator kept (BENCHMARKS.md)."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
+def hold_freed_memory(on: bool = True) -> bool:
+    """on: glibc serves every allocation from its heap and keeps the pages freed there (no mmap for large blocks,
+    no trimming), so each step reuses the pages the last one freed instead of faulting in fresh zeroed ones, a few
+    microseconds each (~1.2M of them per SmolLM2-135M update otherwise: BENCHMARKS.md); the process keeps its peak
+    heap. off: glibc's defaults, and the held pages handed back. Returns whether it applied (glibc only)."""
+    if _GLIBC is None:
+        return False
+    if on:
+        _GLIBC.mallopt(_M_MMAP_MAX, 0)
+        _GLIBC.mallopt(_M_TRIM_THRESHOLD, -1)  # as size_t: never trim
+    else:
+        for param, value in _GLIBC_DEFAULTS.items():
+            _GLIBC.mallopt(param, value)
+        _GLIBC.malloc_trim(0)
+    return True
 
 
 @dataclass(frozen=True)
@@ -278,6 +291,8 @@ def start_run(cfg: TrainConfig) -> Run:
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     device = dist.init(cfg.distributed, cfg.device)  # torchrun: join the process group; this rank's device
+    if device.type == "cpu":
+        hold_freed_memory()  # until `finish`
     out = Path(cfg.output_dir)
     algorithm = algorithm_of(cfg)
     trackers.check_installed(cfg.report_to)  # a missing tracker library stops the run before it touches `out`
@@ -646,6 +661,8 @@ def finish(run: Run, model: nn.Module, tokenizer: Any) -> Path:
         save_pretrained_atomic(model, tokenizer, final)
     dist.barrier()
     rundir.unlock(run.out)
+    if run.device.type == "cpu":
+        hold_freed_memory(False)
     return final  # (under torchrun the CLI leaves the process group once train() and its wrappers are gone)
 
 

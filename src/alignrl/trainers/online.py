@@ -605,8 +605,6 @@ def train(cfg: OnlineConfig, algo: OnlineAlgorithm) -> Path:
                 run.metrics.samples(0, eval_samples)
         for step in range(first, cfg.max_steps + 1):
             start, timer = time.perf_counter(), loop.Timer()
-            with timer("release_memory"):
-                loop.release_freed_memory()  # the last update's activations and gradients, before the KV cache
             fns.start_step(step - 1, cfg.max_steps)  # trainer_state: updates done so far (as TRL); this step's counts
             with timer("generation"):
                 scored, metrics = algo.sample(stream, step)
@@ -624,8 +622,6 @@ def train(cfg: OnlineConfig, algo: OnlineAlgorithm) -> Path:
                     reference_pass(ctx, algo, batch)
             algo.prepare(batch, timer)
             seed = (cfg.seed * 1_000_003 + getattr(stream, "consumed", step)) * 1_000_003
-            with timer("release_memory"):
-                loop.release_freed_memory()  # sampling's packed weights and KV cache, before the activations
             with timer("update"):
                 stats, upd = update(ctx, algo, batch, opt, sched, seed)
             metrics.update(upd)
