@@ -247,6 +247,28 @@ def test_lock_is_released_when_a_run_fails(tiny_model, data):
     assert other.returncode == 0, other.stderr
 
 
+def test_a_failed_run_releases_the_freed_memory_it_held(tiny_model, data, monkeypatch):
+    """A CPU run holds freed memory from its start (glibc: no mmap, no trim); a run that raises must restore the
+    allocator too, or an interactive session that caught the error keeps the run's peak heap for good."""
+    from alignrl.trainers import loop
+
+    calls: list[tuple] = []
+
+    class Libc:  # records what the trainer asks of glibc, leaving the test process's allocator alone
+        def mallopt(self, param, value):
+            calls.append(("mallopt", param, value))
+
+        def malloc_trim(self, pad):
+            calls.append(("malloc_trim", pad))
+
+    monkeypatch.setattr(loop, "_GLIBC", Libc())
+    monkeypatch.setattr(loop, "_holding", False, raising=False)
+    assert main(_grpo(tiny_model, data, data / "run", f"reward_funcs=[{data / 'r.py'}:exits]")) == 2
+    assert calls[:2] == [("mallopt", loop._M_MMAP_MAX, 0), ("mallopt", loop._M_TRIM_THRESHOLD, -1)]
+    assert calls[-1] == ("malloc_trim", 0) and ("mallopt", loop._M_MMAP_MAX, 65536) in calls[2:]
+    assert not loop._holding
+
+
 def test_reward_overflow_is_an_error(tiny_model, data, capsys):
     assert main(_grpo(tiny_model, data, data / "run", f"reward_funcs=[{data / 'r.py'}:huge]")) == 2
     assert "reward function huge returned 1e+308 at index 0: beyond the float32 range" in _error(capsys)

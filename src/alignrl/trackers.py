@@ -236,7 +236,7 @@ def _import(name: str, module: str) -> Any:
 
 class Trackers:
     """The trackers of one run (rank 0): rows and samples go to each; closed once, even when the trainer raises
-    (`close_open`, called by rundir.releases_output_dir)."""
+    (`close_open`, called by rundir.releases_output_dir, which every trainer runs under)."""
 
     def __init__(self, out: Path, trackers: list[Tracker]):
         self.out = out

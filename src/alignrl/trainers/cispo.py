@@ -11,9 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignrl import rundir
 from alignrl.errors import AlignRLError
-from alignrl.trainers import online
+from alignrl.trainers import loop, online
 from alignrl.trainers.grpo import GRPO, GRPOConfig
 
 
@@ -32,7 +31,7 @@ class CISPOConfig(GRPOConfig):
             raise AlignRLError(f"policy_loss: cispo (use alignrl train grpo for {self.policy_loss!r})")
 
 
-@rundir.releases_output_dir
+@loop.ends_run
 def train(cfg: CISPOConfig) -> Path:
     """Run CISPO; returns the final model directory."""
     return online.train(cfg, GRPO(cfg))

@@ -15,7 +15,6 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from alignrl import rundir
 from alignrl.algos.policy_loss import LOSS_AGGREGATIONS, aggregate_loss, clipped_policy_loss
 from alignrl.algos.utils import masked_mean
 from alignrl.errors import AlignRLError
@@ -85,7 +84,7 @@ class Distill(online.OnlineAlgorithm):
         return stats
 
 
-@rundir.releases_output_dir
+@loop.ends_run
 def train(cfg: DistillConfig) -> Path:
     """Run on-policy distillation; returns the final (student) model directory."""
     return online.train(cfg, Distill(cfg))

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from alignrl import checkpoint, rundir
+from alignrl import checkpoint
 from alignrl import distributed as dist
 from alignrl.algos.preference import PREFERENCE_LOSSES, REFERENCE_FREE_LOSSES, preference_loss
 from alignrl.config import TrainConfig
@@ -178,7 +178,7 @@ def load_pairs(cfg, tok, add_eos: bool = True):
     return train_ex, eval_ex, skipped
 
 
-@rundir.releases_output_dir
+@loop.ends_run
 def train(cfg: DPOConfig) -> Path:
     """Run DPO (or a family member); returns the final model directory."""
     run = loop.start_run(cfg)

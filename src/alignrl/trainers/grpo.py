@@ -15,7 +15,6 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from alignrl import rundir
 from alignrl.algos.advantages import ADVANTAGE_ESTIMATORS, GROUP_SCALES, AdvantageInputs
 from alignrl.algos.kl import KL_ESTIMATORS, kl_estimate
 from alignrl.algos.policy_loss import LOSS_AGGREGATIONS, POLICY_LOSSES, aggregate_loss
@@ -140,7 +139,7 @@ class GRPO(online.OnlineAlgorithm):
 
 
 
-@rundir.releases_output_dir
+@loop.ends_run
 def train(cfg: GRPOConfig) -> Path:
     """Run GRPO; returns the final model directory."""
     return online.train(cfg, GRPO(cfg))

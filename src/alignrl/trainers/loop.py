@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import json
 import math
 import random
@@ -43,6 +44,7 @@ from alignrl.models import (
 from alignrl.rewards import RewardFunctions
 
 T = TypeVar("T")
+C = TypeVar("C", bound=TrainConfig)
 
 
 def _glibc() -> Any:
@@ -54,25 +56,47 @@ def _glibc() -> Any:
 
 
 _GLIBC = _glibc()
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters (malloc.h), and glibc's defaults for them below
-_GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
+# mallopt parameters (malloc.h); the values "off" sets: glibc's own, its thresholds where its dynamic mmap threshold
+# (which the first mallopt turns off for good) ends after a run that freed large blocks (32 MiB, trim at twice that)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+_RELEASED = {_M_MMAP_MAX: 65536, _M_MMAP_THRESHOLD: 32 << 20, _M_TRIM_THRESHOLD: 64 << 20}
+_holding = False
 
 
 def hold_freed_memory(on: bool = True) -> bool:
     """on: glibc serves every allocation from its heap and keeps the pages freed there (no mmap for large blocks,
     no trimming), so each step reuses the pages the last one freed instead of faulting in fresh zeroed ones, a few
     microseconds each (~1.2M of them per SmolLM2-135M update otherwise: BENCHMARKS.md); the process keeps its peak
-    heap. off: glibc's defaults, and the held pages handed back. Returns whether it applied (glibc only)."""
-    if _GLIBC is None:
-        return False
+    heap. off (only if held): blocks over 32 MiB mapped again, and the held pages handed back. Returns whether
+    glibc is held now."""
+    global _holding
+    if _GLIBC is None or on == _holding:
+        return _holding
     if on:
         _GLIBC.mallopt(_M_MMAP_MAX, 0)
         _GLIBC.mallopt(_M_TRIM_THRESHOLD, -1)  # as size_t: never trim
     else:
-        for param, value in _GLIBC_DEFAULTS.items():
+        for param, value in _RELEASED.items():
             _GLIBC.mallopt(param, value)
         _GLIBC.malloc_trim(0)
-    return True
+    _holding = on
+    return _holding
+
+
+def ends_run(train: Callable[[C], Path]) -> Callable[[C], Path]:
+    """Decorator for a trainer's `train(cfg)`: when it returns or raises, the freed memory held since `start_run`
+    is released, and the output_dir lock and the experiment trackers too (`rundir.releases_output_dir`), so an
+    interactive session that caught the error goes on as before the run."""
+    locked = rundir.releases_output_dir(train)
+
+    @functools.wraps(train)
+    def wrapper(cfg: C) -> Path:
+        try:
+            return locked(cfg)
+        finally:
+            hold_freed_memory(False)
+
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -661,8 +685,7 @@ def finish(run: Run, model: nn.Module, tokenizer: Any) -> Path:
         save_pretrained_atomic(model, tokenizer, final)
     dist.barrier()
     rundir.unlock(run.out)
-    if run.device.type == "cpu":
-        hold_freed_memory(False)
+    hold_freed_memory(False)
     return final  # (under torchrun the CLI leaves the process group once train() and its wrappers are gone)
 
 

@@ -18,7 +18,6 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from alignrl import rundir
 from alignrl.algos.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs
 from alignrl.algos.kl import kl_estimate
 from alignrl.algos.kl_control import AdaptiveKLController, FixedKLController
@@ -263,7 +262,7 @@ class PPO(online.OnlineAlgorithm):
             self.critic.save(out, self.ctx.tokenizer)
 
 
-@rundir.releases_output_dir
+@loop.ends_run
 def train(cfg: PPOConfig) -> Path:
     """Run PPO; returns the final policy directory (the critic is saved next to it)."""
     return online.train(cfg, PPO(cfg))

@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from alignrl import rundir
 from alignrl.algos.advantages import AdvantageInputs
 from alignrl.algos.kl import kl_estimate
 from alignrl.errors import AlignRLError
-from alignrl.trainers import online
+from alignrl.trainers import loop, online
 from alignrl.trainers.grpo import GRPO, GRPOConfig
 
 VARIANTS = ("reinforce_pp", "reinforce_pp_baseline")
@@ -66,7 +65,7 @@ class ReinforcePP(GRPO):
         return stats
 
 
-@rundir.releases_output_dir
+@loop.ends_run
 def train(cfg: ReinforcePPConfig) -> Path:
     """Run REINFORCE++; returns the final model directory."""
     return online.train(cfg, ReinforcePP(cfg))

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from alignrl import distributed as dist
-from alignrl import rundir
 from alignrl.algos.preference import bradley_terry_loss
 from alignrl.config import TrainConfig
 from alignrl.data import PreferenceExample, pad_batch
@@ -119,7 +118,7 @@ def load_model(cfg: RMConfig, device: torch.device):
     return model, tok
 
 
-@rundir.releases_output_dir
+@loop.ends_run
 def train(cfg: RMConfig) -> Path:
     """Train a reward model; returns the final model directory (loadable with AutoModelForSequenceClassification)."""
     run = loop.start_run(cfg)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from alignrl import checkpoint, rundir
+from alignrl import checkpoint
 from alignrl import distributed as dist
 from alignrl.config import TrainConfig
 from alignrl.data import SFTExample, length_grouped_batches, load_rows, pack, pad_batch, split_eval, tokenize_sft
@@ -92,7 +92,7 @@ def batches(examples: list[SFTExample], cfg: SFTConfig, rng: random.Random) -> I
             yield [examples[i] for i in b]
 
 
-@rundir.releases_output_dir
+@loop.ends_run
 def train(cfg: SFTConfig) -> Path:
     """Run SFT; returns the final model directory."""
     run = loop.start_run(cfg)
