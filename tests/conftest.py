@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -11,6 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # trackio reads TRACKIO_DIR once, when first imported (TRL's integrations import it too): this session's own store,
 # set before any test imports anything
 os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="alignrl-test-trackio-")
+atexit.register(shutil.rmtree, os.environ["TRACKIO_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
