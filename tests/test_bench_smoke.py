@@ -64,6 +64,15 @@ def test_bench_grid_smoke(tmp_path):
     assert md.count("| tiny |") == len(ALGOS) and "Command:" in md
 
 
+def test_decode_matmul_times_every_projection_of_a_token_step():
+    """`python -m bench.decode_matmul`: the fused decoder's products of one token step (its FLOPs are 2·rows·every
+    linear weight, asserted inside), streamed and hot."""
+    from bench.decode_matmul import main
+
+    out = main(["--model", "tiny", "--rows", "4", "--reps", "2"])
+    assert out["gflop_per_step"] > 0 and out["streamed_ms"] > 0 and out["hot_ms"] > 0
+
+
 def test_grid_only_filter():
     import argparse
 
