@@ -9,7 +9,14 @@ import pytest
 from safetensors.torch import load_file
 
 from alignrl.config import load_config
-from alignrl.data import MICRO_BATCH_TOKENS, ONE_PASS_TOKENS, split_by_tokens, write_jsonl
+from alignrl.data import (
+    ACTIVATION_BYTES,
+    MICRO_BATCH_TOKENS,
+    MIN_PASS_ROWS,
+    ONE_PASS_TOKENS,
+    split_by_tokens,
+    write_jsonl,
+)
 from alignrl.errors import AlignRLError
 from alignrl.trainers import dpo, grpo, loop, ppo, rm
 
@@ -38,6 +45,25 @@ def test_default_budget_fits_the_longest_sequence_the_options_allow():
     assert loop.token_budget(cfg, 10_000) == 10_000  # long completions: one sequence per pass at least
     cfg.micro_batch_tokens = 0
     assert loop.token_budget(cfg, 10_000) == 0  # no limit
+
+
+def test_default_budget_puts_several_long_rows_in_a_pass_where_the_activation_room_holds_them():
+    """Long rows go MIN_PASS_ROWS (8) to a pass, not one or two to a 1024-token pass (a pass has a fixed cost), as
+    far as the model's activation room allows; a preference pair counts as two rows; short rows keep 1024-token
+    passes; a row always fits."""
+    cfg = grpo.GRPOConfig(model="m")
+    roomy, tight = loop.PassTokens(1024, 2048, room=8600), loop.PassTokens(872, 872, room=872)
+    assert MIN_PASS_ROWS == 8
+    assert loop.token_budget(cfg, 529, roomy) == 8 * 529
+    assert loop.token_budget(cfg, 2 * 529, roomy, rows_per_item=2) == 8 * 529  # four pairs
+    assert loop.token_budget(cfg, 529, loop.PassTokens(1024, 2048, room=3486)) == 3486  # 6 rows: the room's limit
+    assert loop.token_budget(cfg, 100, roomy) == 1024  # short rows: the 1024-token passes
+    assert loop.token_budget(cfg, 529, tight) == 872 and loop.token_budget(cfg, 2000, tight) == 2000
+    assert loop.token_budget(cfg, 529) == 1024  # no model facts: no room known beyond the constant
+    cfg.micro_batch_tokens = 600
+    assert loop.token_budget(cfg, 529, roomy) == 600  # a set budget is the limit
+    budget = loop.token_budget(grpo.GRPOConfig(model="m"), 529, roomy)
+    assert [len(p) for p in split_by_tokens([529] * 32, budget)] == [8] * 4
 
 
 def test_default_budget_runs_small_work_in_one_pass_and_splits_large_work_finely():
@@ -77,7 +103,6 @@ def test_default_passes_hold_about_a_gib_of_the_models_activations():
     import torch
     from transformers import LlamaConfig
 
-    from alignrl.data import ACTIVATION_BYTES
 
     def holder(**sizes):
         m = torch.nn.Module()
@@ -86,12 +111,13 @@ def test_default_passes_hold_about_a_gib_of_the_models_activations():
 
     cpu = torch.device("cpu")
     small = holder(hidden_size=256, num_hidden_layers=5, intermediate_size=1024, vocab_size=100)
-    assert loop.default_pass_tokens(small, cpu) == loop.PassTokens(MICRO_BATCH_TOKENS, ONE_PASS_TOKENS)
+    small_room = ACTIVATION_BYTES // loop.activation_bytes_per_token(small)
+    assert loop.default_pass_tokens(small, cpu) == loop.PassTokens(MICRO_BATCH_TOKENS, ONE_PASS_TOKENS, small_room)
     smol = holder(hidden_size=576, num_hidden_layers=30, intermediate_size=1536, vocab_size=49152)
     per_token = 4 * (6 * 30 * (576 + 1536) + 2 * 49152)
     assert loop.activation_bytes_per_token(smol) == per_token
     cap = ACTIVATION_BYTES // per_token
-    assert loop.default_pass_tokens(smol, cpu) == loop.PassTokens(cap, cap)
+    assert loop.default_pass_tokens(smol, cpu) == loop.PassTokens(cap, cap, cap)
     assert loop.default_pass_tokens(torch.nn.Linear(2, 2), cpu) == loop.PassTokens()  # no config: the constants
     # a GRPO batch of 32 rows × 62 tokens (1984): one pass for the small model, passes of ≤ 280 tokens for SmolLM2
     cfg = grpo.GRPOConfig(model="m", max_prompt_length=30, max_completion_length=32)

@@ -173,11 +173,15 @@ def tokenize_sft(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, where:
 # up to ONE_PASS_TOKENS in all runs as one pass (a pass has a fixed cost that small work notices); larger work is
 # split into passes of at most MICRO_BATCH_TOKENS. On CPU, 1k-token passes of long batches were faster than
 # whole-batch or 2k-token passes (shorter rows trim their padding, activations stay in cache) at a third to half
-# the activation memory (bench/micro_batch.py, BENCHMARKS.md). Both are lowered for models whose activations per
-# token are large (many layers, a large vocabulary): a pass holds about ACTIVATION_BYTES of activations on CPU, an
-# eighth of the device's memory on a GPU (trainers.loop.default_pass_tokens).
+# the activation memory (bench/micro_batch.py, BENCHMARKS.md). Rows longer than MICRO_BATCH_TOKENS / MIN_PASS_ROWS
+# go MIN_PASS_ROWS to a pass instead: a pass's fixed cost (autocast's weight casts, accumulating the gradients, the
+# ops' dispatch) made passes of one or two ~530-token rows up to 2x slower in bf16 than passes of four to eight.
+# All of it is lowered for models whose activations per token are large (many layers, a large vocabulary): a pass
+# holds about ACTIVATION_BYTES of activations on CPU, an eighth of the device's memory on a GPU
+# (trainers.loop.default_pass_tokens).
 MICRO_BATCH_TOKENS = 1024
 ONE_PASS_TOKENS = 2048
+MIN_PASS_ROWS = 8
 ACTIVATION_BYTES = 1 << 29
 
 

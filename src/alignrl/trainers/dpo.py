@@ -227,7 +227,7 @@ def train_pairs(
     def update(micro: list[list[PreferenceExample]]) -> dict[str, float]:
         return offline.accumulated_update(
             policy, model, micro, part_loss, count=sum(len(b) for b in micro), width=lambda e: e.length,
-            budget=loop.token_budget(cfg, 2 * max(e.length for b in micro for e in b), run.pass_tokens),
+            budget=loop.token_budget(cfg, 2 * max(e.length for b in micro for e in b), run.pass_tokens, 2),
             one_pass=loop.one_pass_tokens(cfg, run.pass_tokens), rows_per_item=2,
             keys=keys, opt=opt, sched=sched, cfg=cfg, run=run,
         )  # fmt: skip

@@ -26,7 +26,7 @@ from alignrl import checkpoint, rundir, trackers
 from alignrl import distributed as dist
 from alignrl.attention import TRAIN_ATTENTION
 from alignrl.config import TrainConfig, algorithm_of, save_config
-from alignrl.data import ACTIVATION_BYTES, MICRO_BATCH_TOKENS, ONE_PASS_TOKENS, split_by_tokens
+from alignrl.data import ACTIVATION_BYTES, MICRO_BATCH_TOKENS, MIN_PASS_ROWS, ONE_PASS_TOKENS, split_by_tokens
 from alignrl.errors import AlignRLError
 from alignrl.mlp import use_lean_mlp
 from alignrl.models import (
@@ -102,10 +102,12 @@ def ends_run(train: Callable[[C], Path]) -> Callable[[C], Path]:
 @dataclass(frozen=True)
 class PassTokens:
     """The default micro-batching (`micro_batch_tokens` unset): work of up to `one_pass` padded tokens runs as one
-    pass, larger work in passes of at most `per_pass`."""
+    pass, larger work in passes of at most `per_pass`, or of MIN_PASS_ROWS rows where those are longer and the
+    activation room (`room` tokens) holds them."""
 
     per_pass: int = MICRO_BATCH_TOKENS
     one_pass: int = ONE_PASS_TOKENS
+    room: int = MICRO_BATCH_TOKENS
 
 
 def activation_bytes_per_token(model: nn.Module) -> int:
@@ -131,15 +133,17 @@ def default_pass_tokens(model: nn.Module, device: torch.device) -> PassTokens:
         return PassTokens()
     room = torch.cuda.get_device_properties(device).total_memory // 8 if device.type == "cuda" else ACTIVATION_BYTES
     cap = max(1, room // per_token)
-    return PassTokens(min(MICRO_BATCH_TOKENS, cap), min(ONE_PASS_TOKENS, cap))
+    return PassTokens(min(MICRO_BATCH_TOKENS, cap), min(ONE_PASS_TOKENS, cap), cap)
 
 
-def token_budget(cfg: TrainConfig, longest: int, default: PassTokens | None = None) -> int:
+def token_budget(cfg: TrainConfig, longest: int, default: PassTokens | None = None, rows_per_item: int = 1) -> int:
     """The run's padded-token budget per forward/backward: `micro_batch_tokens` as set (0: no limit), else the
-    default's (`Run.pass_tokens`) raised to `longest` (the widest item of the work) so that one item fits."""
+    default's (`Run.pass_tokens`): raised to MIN_PASS_ROWS rows of the widest item of the work (`longest` tokens
+    over `rows_per_item` rows: 2 for preference pairs) within its activation room, and to one item at least."""
     if cfg.micro_batch_tokens is not None:
         return cfg.micro_batch_tokens
-    return max((default or PassTokens()).per_pass, longest)
+    d = default or PassTokens()
+    return max(d.per_pass, min(d.room, MIN_PASS_ROWS * longest // rows_per_item), longest)
 
 
 def one_pass_tokens(cfg: TrainConfig, default: PassTokens | None = None) -> int:
