@@ -58,7 +58,8 @@ class TrainConfig:
     # recompute each decoder layer's activations in backward: far less activation memory, ~1 more forward per update
     gradient_checkpointing: bool = False
     # padded tokens (prompt included) per forward/backward in the update, reference, critic and pair passes;
-    # None: 2048, raised to one sequence of the longest length the options allow; 0: no limit (whole batch at once)
+    # None: the default passes (trainers.loop.token_budget: up to 2048 tokens in one pass, else 1024-token passes
+    # or 8 rows of long work, within the model's activation room, one sequence at least); 0: no limit
     micro_batch_tokens: int | None = None
     # logging
     logging_steps: int = 1
