@@ -19,7 +19,7 @@ Each workload runs in its own subprocess (bench.worker: clean peak RSS), the lib
 overrun --cell-budget seconds (the steps measured are recorded per side). The run also measures the matmul
 FLOP/s and the memory bandwidth (a large tensor copy) of this machine, and rates alignrl's decode speed
 (completion tokens / generation time) against the decode roofline at that batch: min(FLOP-bound, bandwidth-bound),
-with 2·N FLOPs per token and the weights (+ float32 KV cache) read once per decode step. The results JSON and a
+with 2·N FLOPs per token and the weights (+ the KV cache) read once per decode step. The results JSON and a
 markdown table next to it are rewritten after every cell.
 """
 
@@ -102,14 +102,15 @@ def copy_bandwidth(mib: int = 512, reps: int = 5) -> float:
 
 def decode_roofline(model: Path, rows: int, context: float, precision: str, flops: float, bandwidth: float) -> dict:
     """Tokens/s a decode step over `rows` sequences can reach at most: 2·N FLOPs per token (N: every matmul
-    weight, the lm head included), and per step the weights (bf16 in the bf16 column, as alignrl packs them)
-    plus the float32 KV cache at `context` positions read once."""
+    weight, the lm head included), and per step the weights and the KV cache at `context` positions read once, both
+    in bf16 in the bf16 column (as alignrl keeps them there), float32 otherwise."""
     c = json.loads((model / "config.json").read_text())
     trunk, h, vocab = model_params(model)
     n = trunk + h * vocab
     head_dim = c.get("head_dim") or h // c["num_attention_heads"]
-    kv_bytes = 2 * c["num_hidden_layers"] * c.get("num_key_value_heads", c["num_attention_heads"]) * head_dim * 4
-    step_bytes = n * (2 if precision == "bf16" else 4) + kv_bytes * rows * context
+    width = 2 if precision == "bf16" else 4
+    kv_bytes = 2 * c["num_hidden_layers"] * c.get("num_key_value_heads", c["num_attention_heads"]) * head_dim * width
+    step_bytes = n * width + kv_bytes * rows * context
     bounds = {"flop_bound_tok_s": flops / (2 * n), "bandwidth_bound_tok_s": rows * bandwidth / step_bytes}
     return {**bounds, "roofline_tok_s": min(bounds.values()), "decode_params": n}
 
@@ -343,7 +344,8 @@ def to_markdown(res: dict) -> str:
         f"Work per step: {shapes}. Decode tok/s: "
         "alignrl's completion tokens / its generation phase (prefill, sampling, rewards), and in brackets its share "
         "of the decode roofline at that batch (batches of ≥ 32 rows): min(matmul FLOP/s / 2N, bandwidth × rows / "
-        "bytes read per step), N every matmul weight incl. the lm head, bytes = weights + float32 KV cache.",
+        "bytes read per step), N every matmul weight incl. the lm head, bytes = weights + KV cache (both bf16 in "
+        "bf16 cells).",
     ]
     lines = []
     for r in res["cells"]:

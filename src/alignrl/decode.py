@@ -2,10 +2,10 @@
 
 At decode time a batch holds one new token per row, so the cost per token is per-op dispatch, not FLOPs: the
 transformers module stack spends ~60 ops and their Python per layer (hooks, kwargs, mask and cache plumbing),
-this spends ~18 (fused q/k/v and gate/up projections, RoPE on q and k at once, attention as two batched matmuls
-on the KV cache). It computes the same function as the model's forward, op for op in the same dtypes, up to the
-float rounding of the packed matmuls (tested against it); `FastDecoder.build` returns None for anything it does
-not reproduce, and generation then steps through the model's forward instead.
+this spends ~18 (fused q/k/v and gate/up projections, RoPE on q and k at once, attention straight on the
+KV-cache views: `one_token_attention`). It computes the same function as the model's forward, op for op in the
+same dtypes, up to the float rounding of the packed matmuls (tested against it); `FastDecoder.build` returns None
+for anything it does not reproduce, and generation then steps through the model's forward instead.
 """
 
 from __future__ import annotations
@@ -120,18 +120,37 @@ class FastDecoder:
             qk = qk * cos + rot * sin  # RoPE on q and k at once, in the model's op order
             kbuf[:, :, length] = qk[:, H:]
             vbuf[:, :, length] = v
-            with torch.autocast(h.device.type, enabled=False):  # attention in the cache's dtype, as in generation
-                q = qk[:, :H].to(kbuf.dtype).reshape(B * Hk, H // Hk, D) * self.scaling
-                scores = torch.bmm(q, kbuf[:, :, :end].flatten(0, 1).transpose(1, 2)).view(B, Hk, -1, end)
-                if mask is not None:
-                    scores = scores + mask
-                probs = scores.softmax(-1).view(B * Hk, -1, end)
-                att = torch.bmm(probs, vbuf[:, :, :end].flatten(0, 1)).view(B, H * D)
-            h = h + o_proj(att.to(qk.dtype))
+            att = one_token_attention(qk[:, :H], kbuf[:, :, :end], vbuf[:, :, :end], mask, self.scaling)
+            h = h + o_proj(att.flatten(1))
             x = _rms_norm(h, ln2, self.eps)
             gate, up = gate_up(x).chunk(2, dim=-1)
             h = h + down(F.silu(gate) * up)
         return self.head(_rms_norm(h, self.norm, self.eps))
+
+
+def one_token_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """softmax(q·kᵀ·scaling + mask)·v for one query token per row, [B, H, Dv], in the cache's dtype, from q [B, H, D],
+    cache views [B, Hk, L, D] (H a multiple of Hk: grouped-query heads share theirs without a copy) and a mask
+    [B, 1, 1, L] (bool, True = attend, or additive) or None. A float32 cache takes two batched matmuls per KV-head
+    group; a bf16/fp16 one takes SDPA, whose CPU kernel reads the strided views in place (CPU bf16 batched
+    matmuls copy them first), so a bf16 cache costs half the float32 one's reads."""
+    B, H, D = q.shape
+    Hk, L = keys.shape[1], keys.shape[2]
+    with torch.autocast(q.device.type, enabled=False):
+        q = q.to(keys.dtype)
+        if keys.dtype != torch.float32:
+            if mask is not None and mask.dtype != torch.bool:
+                mask = mask.to(keys.dtype)
+            out = F.scaled_dot_product_attention(q[:, :, None], keys, values, mask, scale=scaling, enable_gqa=H != Hk)
+            return out[:, :, 0]
+        scores = torch.bmm((q * scaling).view(B * Hk, H // Hk, D), keys.flatten(0, 1).transpose(1, 2))
+        scores = scores.view(B, Hk, H // Hk, L)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        probs = scores.softmax(-1).view(B * Hk, H // Hk, L)
+        return torch.bmm(probs, values.flatten(0, 1)).view(B, H, values.shape[-1])
 
 
 def _weights(proj: nn.Module, merge: bool = True) -> tuple[torch.Tensor, torch.Tensor | None] | None:

@@ -15,7 +15,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from alignrl.attention import TRAIN_ATTENTION
-from alignrl.decode import FastDecoder
+from alignrl.decode import FastDecoder, one_token_attention
 from alignrl.logprobs import position_ids_from_mask
 from alignrl.models import cast_linear_weights, unwrap
 
@@ -122,14 +122,15 @@ def generate(
     model.eval()
     try:
         amp = torch.autocast(prompt_ids.device.type, params.autocast, enabled=params.autocast is not None)
-        with torch.inference_mode(), _decode_attention_on(model) as fp32_kv, amp:
+        with torch.inference_mode(), _decode_attention_on(model) as routed, amp:
             batch, width = prompt_ids.shape
             fast = FastDecoder.build(unwrap(model), width + params.max_new_tokens, batch)
             # Only the model's own decode loop needs its weights held in the autocast dtype: the fused decoder
             # keeps its own packed copies, and the prefill forward casts each weight once either way.
             with _weights_in(model, None if fast is not None else params.autocast):
                 u = _uniforms(seeds, params, prompt_ids.device)
-                kv_dtype = torch.float32 if fp32_kv else None
+                # the cache in the dtype autocast's attention matmuls read (RoPE leaves the keys in float32)
+                kv_dtype = params.autocast if routed else None
                 ids, logps, n = _sample_loop(
                     model, prompt_ids, prompt_mask, params, eos_token_ids, pad_token_id, u, kv_dtype, fast
                 )
@@ -181,27 +182,20 @@ DECODE_ATTENTION = "alignrl_decode"
 
 
 def _decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention for one new token per row as two batched matmuls straight on the KV-cache views, grouped by KV
-    head (no repeat_kv copy), in the cache's dtype (float32: CPU bf16 batched matmuls copy strided operands
-    first, and CPU SDPA spends more on a 1-token query than on the work). Prompts (several query tokens) and
-    models with logit soft-capping, sinks or sliding windows take the SDPA path."""
-    dtype = query.dtype
+    """Attention for one new token per row straight on the KV-cache views, grouped by KV head (no repeat_kv
+    copy): `one_token_attention`. Prompts (several query tokens) and models with logit soft-capping, sinks or
+    sliding windows take the SDPA path."""
     special = any(kwargs.get(k) is not None for k in ("softcap", "s_aux", "sliding_window"))
     if query.shape[2] != 1 or dropout or special:
-        q = query.to(key.dtype)
-        out, w = sdpa_attention_forward(module, q, key, value, attention_mask, scaling=scaling, **kwargs)
-        return out.to(dtype), w
+        out, w = sdpa_attention_forward(
+            module, query.to(key.dtype), key, value, attention_mask, scaling=scaling, **kwargs
+        )
+        return out.to(query.dtype), w
     B, H, _, D = query.shape
-    Hk, L = key.shape[1], key.shape[2]
-    with torch.autocast(query.device.type, enabled=False):  # autocast would cast the cache views to bf16
-        q = query.to(key.dtype).reshape(B * Hk, H // Hk, D) * (scaling if scaling is not None else D**-0.5)
-        scores = torch.bmm(q, key.flatten(0, 1).transpose(1, 2)).view(B, Hk, -1, L)
-        if attention_mask is not None:  # SDPA-style: bool (True = attend) or additive float, [B, 1, 1, L]
-            mask = attention_mask[..., -L:].reshape(B, 1, 1, L)
-            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-        probs = scores.softmax(-1).view(B * Hk, -1, L)
-        out = torch.bmm(probs, value.flatten(0, 1)).view(B, H, 1, value.shape[-1])
-    return out.transpose(1, 2).to(dtype), None
+    L = key.shape[2]
+    mask = None if attention_mask is None else attention_mask[..., -L:].reshape(B, 1, 1, L)
+    out = one_token_attention(query[:, :, 0], key, value, mask, scaling if scaling is not None else D**-0.5)
+    return out.view(B, 1, H, value.shape[-1]).to(query.dtype), None
 
 
 AttentionInterface.register(DECODE_ATTENTION, _decode_attention)
