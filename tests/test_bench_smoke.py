@@ -73,6 +73,15 @@ def test_decode_matmul_times_every_projection_of_a_token_step():
     assert out["gflop_per_step"] > 0 and out["streamed_ms"] > 0 and out["hot_ms"] > 0
 
 
+def test_decode_step_times_a_forced_length_rollout():
+    """`python -m bench.decode_step`: every row runs to the asked length, in fp32 and under bf16 autocast."""
+    from bench.decode_step import main
+
+    for precision in ("fp32", "bf16"):
+        out = main(["--model", "tiny", "--rows", "4", "--tokens", "6", "--reps", "2", "--precision", precision])
+        assert out["ms_per_token_step"] > 0 and len(out["rollout_s"]) == 2
+
+
 def test_grid_only_filter():
     import argparse
 
